@@ -1,0 +1,233 @@
+//! Command-line flags as the user typed them, Consul style: single-dash long flags
+//! (`-proxy-id web`), with the double-dash form accepted too. Validation and environment
+//! variables are [`crate::config`]'s job.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
+
+const ENV_HELP: &str = "\
+Environment variables (flags win over them):
+  CONSUL_HTTP_ADDR         agent address (default 127.0.0.1:8500)
+  CONSUL_HTTP_TOKEN        ACL token
+  CONSUL_HTTP_TOKEN_FILE   file holding the ACL token
+  CONSUL_CACERT            CA file to verify the agent's HTTPS certificate
+  CONSUL_CAPATH            directory of CA files
+  CONSUL_CLIENT_CERT       client certificate for HTTPS to the agent
+  CONSUL_CLIENT_KEY        client key for HTTPS to the agent
+  CONSUL_TLS_SERVER_NAME   server name to verify the agent's certificate against
+  CONSUL_HTTP_SSL          true: use HTTPS to the agent
+  CONSUL_HTTP_SSL_VERIFY   false: do not verify the agent's certificate (tests only)
+
+Token precedence: -token-file, -token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN.";
+
+/// Raw command-line arguments.
+#[derive(Clone, Debug, Default, Parser)]
+#[command(
+    name = "consul-proxy",
+    version,
+    about = "L4 sidecar proxy for the Consul service mesh (Connect)",
+    after_help = ENV_HELP,
+    group(clap::ArgGroup::new("target").required(true).args(["proxy_id", "sidecar_for"])),
+)]
+pub struct Args {
+    /// ID of the connect-proxy service registration to run as.
+    #[arg(long = "proxy-id", value_name = "ID")]
+    pub proxy_id: Option<String>,
+
+    /// ID of the service whose (single) sidecar proxy registration to run as.
+    #[arg(long = "sidecar-for", value_name = "SERVICE_ID")]
+    pub sidecar_for: Option<String>,
+
+    /// Address of the Consul agent: host:port, http(s)://host:port or unix:///path.
+    #[arg(long = "http-addr", value_name = "ADDR")]
+    pub http_addr: Option<String>,
+
+    /// ACL token to use (prefer -token-file: command lines are visible to other users).
+    #[arg(
+        long = "token",
+        value_name = "TOKEN",
+        hide_default_value = true,
+        allow_hyphen_values = true
+    )]
+    pub token: Option<String>,
+
+    /// File holding the ACL token; re-read when the agent reports the token unknown.
+    #[arg(long = "token-file", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+
+    /// CA certificate file to verify the agent's HTTPS certificate.
+    #[arg(long = "ca-file", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Directory of CA certificates to verify the agent's HTTPS certificate.
+    #[arg(long = "ca-path", value_name = "PATH")]
+    pub ca_path: Option<PathBuf>,
+
+    /// Client certificate for HTTPS to the agent (with -client-key).
+    #[arg(long = "client-cert", value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+
+    /// Client key for HTTPS to the agent (with -client-cert).
+    #[arg(long = "client-key", value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
+
+    /// Server name to use for SNI and to verify the agent's certificate.
+    #[arg(long = "tls-server-name", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Log level: trace, debug, info, warn or error (or a tracing filter such as
+    /// `consul_proxy=debug,rustls=warn`).
+    #[arg(long = "log-level", value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log as JSON lines.
+    #[arg(long = "log-json")]
+    pub log_json: bool,
+
+    /// `off` relaxes the check that a peer's SPIFFE ID is in our trust domain, for CA
+    /// providers that do not follow SPIFFE. Chain verification is never relaxed.
+    #[arg(
+        long = "spiffe-validation",
+        value_name = "on|off",
+        default_value = "on"
+    )]
+    pub spiffe_validation: String,
+
+    /// On SIGTERM/SIGINT, how long open connections may drain before they are cut.
+    #[arg(long = "drain-timeout", value_name = "DURATION", default_value = "30s")]
+    pub drain_timeout: String,
+}
+
+impl Args {
+    /// Parses the process arguments; exits with a usage error (code 2) on bad flags.
+    pub fn parse_env() -> Self {
+        Args::parse_from(normalize(std::env::args_os()))
+    }
+
+    /// Parses the given arguments (the first is the program name).
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Args::try_parse_from(normalize(args))
+    }
+}
+
+/// Rewrites Consul-style `-flag` / `-flag=value` into clap's `--flag` form.
+///
+/// Only names of real long flags are rewritten, and never an argument that is the value of the
+/// previous flag, so `-token -abc` keeps `-abc` as the token. Everything after `--` is left as is.
+pub fn normalize<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let cmd = Args::command();
+    let long_takes_value = |name: &str| -> Option<bool> {
+        match name {
+            "help" | "version" => Some(false),
+            _ => cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(name))
+                .map(|a| a.get_action().takes_values()),
+        }
+    };
+    let mut out = Vec::new();
+    let mut expecting_value = false;
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().map(Into::into).enumerate() {
+        if i == 0 || passthrough || expecting_value {
+            expecting_value = false;
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if s == "--" {
+            passthrough = true;
+            out.push(arg);
+            continue;
+        }
+        let name = s.trim_start_matches('-');
+        let (name, has_inline_value) = match name.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (name, false),
+        };
+        let dashes = s.len() - s.trim_start_matches('-').len();
+        match long_takes_value(name) {
+            Some(takes) if dashes == 1 || dashes == 2 => {
+                expecting_value = takes && !has_inline_value;
+                let rewritten = if dashes == 1 {
+                    format!("-{s}")
+                } else {
+                    s.to_owned()
+                };
+                out.push(rewritten.into());
+            }
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_args(std::iter::once("consul-proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn single_and_double_dash_flags_are_equivalent() {
+        let a = parse(&["-proxy-id", "web-sidecar-proxy", "-http-addr=127.0.0.1:1"]).unwrap();
+        let b = parse(&[
+            "--proxy-id",
+            "web-sidecar-proxy",
+            "--http-addr",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(a.proxy_id.as_deref(), Some("web-sidecar-proxy"));
+        assert_eq!(a.proxy_id, b.proxy_id);
+        assert_eq!(a.http_addr, b.http_addr);
+    }
+
+    #[test]
+    fn a_value_that_looks_like_a_flag_stays_a_value() {
+        let a = parse(&["-sidecar-for", "web", "-token", "-log-json"]).unwrap();
+        assert_eq!(a.token.as_deref(), Some("-log-json"));
+        assert!(!a.log_json);
+    }
+
+    #[test]
+    fn exactly_one_target_is_required() {
+        let none = parse(&["-http-addr", "x:1"]).unwrap_err();
+        assert_eq!(none.exit_code(), 2);
+        let both = parse(&["-proxy-id", "a", "-sidecar-for", "b"]).unwrap_err();
+        assert_eq!(both.exit_code(), 2);
+    }
+
+    #[test]
+    fn unknown_flags_are_usage_errors() {
+        let err = parse(&["-proxy-id", "a", "-bogus"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn help_and_version_work_single_dash() {
+        assert_eq!(
+            parse(&["-help"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayHelp
+        );
+        assert_eq!(
+            parse(&["-version"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion
+        );
+    }
+}

@@ -1,0 +1,106 @@
+//! Errors from the agent API, classified so that callers can decide: retry, fail, or explain.
+
+/// An agent request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// The agent could not be reached, or the request timed out.
+    #[error("cannot reach the Consul agent at {addr}: {source}")]
+    Unreachable {
+        /// The agent address.
+        addr: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// 403: the token lacks a permission (or is unknown).
+    #[error(
+        "permission denied by the agent for {endpoint} (the token likely lacks {permission}): {body}"
+    )]
+    Forbidden {
+        /// What was requested.
+        endpoint: String,
+        /// The ACL permission this endpoint needs.
+        permission: String,
+        /// The agent's message.
+        body: String,
+    },
+    /// 404.
+    #[error("{endpoint}: not found: {body}")]
+    NotFound {
+        /// What was requested.
+        endpoint: String,
+        /// The agent's message.
+        body: String,
+    },
+    /// Any other non-2xx status.
+    #[error("{endpoint}: agent answered {status}: {body}")]
+    Status {
+        /// What was requested.
+        endpoint: String,
+        /// HTTP status.
+        status: u16,
+        /// The agent's message.
+        body: String,
+    },
+    /// The body was not the JSON we expect.
+    #[error("{endpoint}: malformed response: {source}")]
+    Decode {
+        /// What was requested.
+        endpoint: String,
+        /// The decoder's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A header we rely on was missing or malformed.
+    #[error("{endpoint}: {what}")]
+    Protocol {
+        /// What was requested.
+        endpoint: String,
+        /// What was wrong.
+        what: String,
+    },
+    /// The ACL token file could not be read.
+    #[error("cannot read the ACL token file {path}: {source}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built (bad CA file, bad client cert, ...).
+    #[error("cannot set up the agent HTTP client: {0}")]
+    Setup(String),
+}
+
+impl ConsulError {
+    /// Whether the agent could not be reached at all (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ConsulError::Unreachable { .. })
+    }
+
+    /// Whether this is an ACL refusal.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ConsulError::Forbidden { .. })
+    }
+
+    /// Whether this is a 404.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ConsulError::NotFound { .. })
+    }
+
+    /// A short, stable label for the kind of failure, for logs that should change only when
+    /// the kind of failure changes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConsulError::Unreachable { .. } => "unreachable",
+            ConsulError::Forbidden { .. } => "forbidden",
+            ConsulError::NotFound { .. } => "not_found",
+            ConsulError::Status { .. } => "status",
+            ConsulError::Decode { .. } => "decode",
+            ConsulError::Protocol { .. } => "protocol",
+            ConsulError::TokenFile { .. } => "token_file",
+            ConsulError::Setup(_) => "setup",
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The generic blocking-query loop: long-poll the agent, publish each *changed* value into a
+//! `watch` channel, keep the last good value when the agent fails ("fail static").
+//!
+//! Rules (Consul's blocking-query docs, and the API reference section 2):
+//! - `index` and `wait` are always sent; the request timeout exceeds `wait + wait/16`;
+//! - an index that goes backwards resets to 0 (one non-blocking read), 0 becomes 1;
+//! - requests are rate-limited by a small token bucket, so a churning value cannot spin;
+//! - errors back off exponentially with jitter up to a cap, and forget the index;
+//! - a returned call is not a change: values are compared before publishing;
+//! - state changes (failing, recovered) are logged once, not on every retry.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::error::ConsulError;
+
+/// Timing of the loop.
+#[derive(Clone, Debug)]
+pub struct WatchSettings {
+    /// The `wait` sent with each blocking request.
+    pub wait: Duration,
+    /// First retry delay after an error.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+    /// Requests allowed back to back.
+    pub burst: u32,
+    /// One request token is refilled per this interval.
+    pub refill: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings {
+            wait: Duration::from_secs(300),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+            burst: 3,
+            refill: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Where a blocking query resumes from.
+pub trait Cursor: Clone + Default + Send + 'static {
+    /// The cursor to use after a successful response that returned `returned`.
+    fn advance(&self, returned: Self) -> Self;
+}
+
+/// An `X-Consul-Index` cursor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Index(pub u64);
+
+impl Cursor for Index {
+    fn advance(&self, returned: Self) -> Self {
+        if returned.0 < self.0 {
+            // Snapshot restore or similar: read once without blocking, then carry on.
+            Index(0)
+        } else if returned.0 == 0 {
+            Index(1)
+        } else {
+            returned
+        }
+    }
+}
+
+/// An `X-Consul-ContentHash` cursor (hash-based blocking on `/v1/agent/service/:id`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hash(pub Option<String>);
+
+impl Cursor for Hash {
+    fn advance(&self, returned: Self) -> Self {
+        returned
+    }
+}
+
+/// The sending half of a watched value: `None` until the first good value.
+pub type Publisher<T> = watch::Sender<Option<Arc<T>>>;
+/// The receiving half of a watched value.
+pub type Subscriber<T> = watch::Receiver<Option<Arc<T>>>;
+
+/// A fetch either yields a value to publish or a reason it was rejected (the cursor still
+/// advances, so a bad value is not re-read in a tight loop).
+pub type FetchResult<C, T> = Result<(C, Result<T, String>), ConsulError>;
+
+/// Runs the loop until `cancel` fires or every receiver is gone.
+pub async fn run<T, C, F, Fut>(
+    name: &str,
+    settings: &WatchSettings,
+    tx: Publisher<T>,
+    cancel: CancellationToken,
+    mut fetch: F,
+) where
+    T: PartialEq + Send + Sync,
+    C: Cursor,
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = FetchResult<C, T>>,
+{
+    let mut cursor = C::default();
+    let mut bucket = TokenBucket::new(settings.burst, settings.refill, Instant::now());
+    let mut failures: u32 = 0;
+    let mut last_failure: Option<&'static str> = None;
+    let mut last_rejection: Option<String> = None;
+    loop {
+        let delay = bucket.take(Instant::now());
+        if !delay.is_zero() && !sleep_or_cancel(delay, &cancel).await {
+            return;
+        }
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tx.closed() => return,
+            r = fetch(cursor.clone()) => r,
+        };
+        match result {
+            Ok((returned, value)) => {
+                if failures > 0 {
+                    tracing::info!(watch = name, failures, "agent watch recovered");
+                }
+                failures = 0;
+                last_failure = None;
+                cursor = cursor.advance(returned);
+                match value {
+                    Ok(v) => {
+                        last_rejection = None;
+                        publish(&tx, v, name);
+                    }
+                    Err(reason) => {
+                        if last_rejection.as_deref() != Some(reason.as_str()) {
+                            tracing::error!(
+                                watch = name,
+                                %reason,
+                                "rejected an update from the agent; keeping the last good value"
+                            );
+                            last_rejection = Some(reason);
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                if last_failure != Some(err.kind()) {
+                    tracing::warn!(
+                        watch = name,
+                        error = %err,
+                        "agent watch failing; serving the last good value and retrying"
+                    );
+                    last_failure = Some(err.kind());
+                } else {
+                    tracing::debug!(watch = name, error = %err, failures, "agent watch still failing");
+                }
+                cursor = C::default();
+                let delay = backoff(
+                    failures,
+                    settings.backoff_base,
+                    settings.backoff_cap,
+                    rand::random(),
+                );
+                if !sleep_or_cancel(delay, &cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes `value` only if it differs from the current one.
+fn publish<T: PartialEq>(tx: &Publisher<T>, value: T, name: &str) {
+    let changed = tx.send_if_modified(|current| {
+        if current.as_deref() == Some(&value) {
+            return false;
+        }
+        *current = Some(Arc::new(value));
+        true
+    });
+    if changed {
+        tracing::debug!(watch = name, "agent watch published a new value");
+    }
+}
+
+/// Sleeps unless cancelled first; false when cancelled.
+pub async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// Delay before retry number `failures` (1-based): exponential from `base`, capped, with the
+/// upper half jittered by `jitter` in [0, 1) so that many proxies do not retry in step.
+pub fn backoff(failures: u32, base: Duration, cap: Duration, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let full = base.saturating_mul(1u32 << exp).min(cap);
+    full / 2 + (full / 2).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// A token bucket: `burst` requests back to back, then one per `refill`.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    refill: Duration,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(burst: u32, refill: Duration, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket {
+            tokens: burst,
+            burst,
+            refill,
+            last: now,
+        }
+    }
+
+    /// Takes one token; returns how long to wait before using it.
+    pub fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = now;
+        if !self.refill.is_zero() {
+            self.tokens =
+                (self.tokens + elapsed.as_secs_f64() / self.refill.as_secs_f64()).min(self.burst);
+        } else {
+            self.tokens = self.burst;
+        }
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            self.refill.mul_f64(-self.tokens)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(Index(10).advance(Index(12)), Index(12));
+        assert_eq!(Index(10).advance(Index(10)), Index(10));
+        assert_eq!(
+            Index(10).advance(Index(3)),
+            Index(0),
+            "backwards resets to 0"
+        );
+        assert_eq!(
+            Index(0).advance(Index(3)),
+            Index(3),
+            "after a reset the lower index is taken"
+        );
+        assert_eq!(Index(0).advance(Index(0)), Index(1), "0 becomes 1");
+        assert_eq!(
+            Index(5).advance(Index(0)),
+            Index(0),
+            "0 after 5 is backwards: reset first"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let base = Duration::from_millis(500);
+        let cap = Duration::from_secs(30);
+        assert_eq!(backoff(1, base, cap, 0.0), Duration::from_millis(250));
+        assert_eq!(backoff(1, base, cap, 1.0), Duration::from_millis(500));
+        assert_eq!(backoff(3, base, cap, 0.0), Duration::from_millis(1000));
+        assert_eq!(backoff(30, base, cap, 1.0), cap);
+        assert_eq!(backoff(30, base, cap, 0.0), cap / 2);
+        assert_eq!(backoff(u32::MAX, base, cap, 0.5), cap.mul_f64(0.75));
+    }
+
+    #[test]
+    fn token_bucket_allows_burst_then_spaces_requests() {
+        let t0 = Instant::now();
+        let refill = Duration::from_millis(250);
+        let mut b = TokenBucket::new(3, refill, t0);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        assert_eq!(b.take(t0), refill);
+        // After waiting that long, the next one costs another full interval.
+        assert_eq!(b.take(t0 + refill), refill);
+        // A long quiet period refills up to the burst, never beyond.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(b.take(later), Duration::ZERO);
+        }
+        assert_eq!(b.take(later), refill);
+    }
+
+    /// A scripted fetch: each call pops the next answer and records the cursor it was given.
+    struct Script {
+        answers: Mutex<Vec<FetchResult<Index, u32>>>,
+        seen: Mutex<Vec<Index>>,
+        exhausted: tokio::sync::Notify,
+    }
+
+    impl Script {
+        fn new(mut answers: Vec<FetchResult<Index, u32>>) -> Arc<Self> {
+            answers.reverse();
+            Arc::new(Script {
+                answers: Mutex::new(answers),
+                seen: Mutex::new(Vec::new()),
+                exhausted: tokio::sync::Notify::new(),
+            })
+        }
+
+        async fn fetch(&self, cursor: Index) -> FetchResult<Index, u32> {
+            self.seen.lock().unwrap().push(cursor);
+            let next = self.answers.lock().unwrap().pop();
+            match next {
+                Some(a) => a,
+                None => {
+                    self.exhausted.notify_one();
+                    std::future::pending().await
+                }
+            }
+        }
+    }
+
+    fn status_error() -> ConsulError {
+        ConsulError::Status {
+            endpoint: "test".into(),
+            status: 500,
+            body: "boom".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_changes_only_and_keeps_last_good_value_on_error() {
+        let script = Script::new(vec![
+            Ok((Index(5), Ok(1))),
+            Ok((Index(6), Ok(1))), // same value, new index: not published
+            Err(status_error()),   // fail static: value stays 1, index forgotten
+            Ok((Index(3), Ok(2))), // after an error the cursor was 0, so 3 is accepted
+            Ok((Index(2), Ok(2))), // backwards: reset to 0
+            Ok((Index(9), Err("bad".into()))),
+        ]);
+        let (tx, mut rx) = watch::channel(None);
+        let cancel = CancellationToken::new();
+        let s = script.clone();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                run("test", &WatchSettings::default(), tx, cancel, |c| {
+                    s.fetch(c)
+                })
+                .await
+            }
+        });
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_deref(), Some(&1));
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_deref(), Some(&2));
+        // Wait until the script is exhausted (the loop is then parked in a pending fetch).
+        script.exhausted.notified().await;
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the rejected value was not published"
+        );
+        assert_eq!(rx.borrow().as_deref(), Some(&2));
+        let seen = script.seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![
+                Index(0),
+                Index(5),
+                Index(6),
+                Index(0),
+                Index(3),
+                Index(0),
+                Index(9)
+            ]
+        );
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_every_receiver_is_gone() {
+        let script = Script::new(vec![]);
+        let (tx, rx) = watch::channel::<Option<Arc<u32>>>(None);
+        let s = script.clone();
+        let task = tokio::spawn(async move {
+            run(
+                "test",
+                &WatchSettings::default(),
+                tx,
+                CancellationToken::new(),
+                |c| s.fetch(c),
+            )
+            .await
+        });
+        drop(rx);
+        task.await.unwrap();
+    }
+}

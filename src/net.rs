@@ -1,0 +1,210 @@
+//! Plain local sockets, TCP or unix: the listeners for upstreams and the dial to the local app.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::proxy_config::{BindAddr, LocalApp};
+
+/// A local stream, TCP or unix.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix socket.
+    Unix(UnixStream),
+}
+
+/// A local listener, TCP or unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket (the path is removed again when the listener is dropped).
+    Unix(UnixListener, UnixPathGuard),
+}
+
+/// Removes a unix socket file when dropped.
+#[derive(Debug)]
+pub struct UnixPathGuard(std::path::PathBuf);
+
+impl Drop for UnixPathGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    /// Binds. A stale unix socket file (nobody listening) is replaced; a live one is an error.
+    pub async fn bind(addr: &BindAddr) -> io::Result<Self> {
+        match addr {
+            BindAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            BindAddr::Unix(path) => {
+                remove_stale_socket(path).await?;
+                let l = UnixListener::bind(path)?;
+                Ok(Listener::Unix(l, UnixPathGuard(path.clone())))
+            }
+        }
+    }
+
+    /// Accepts one connection; returns it with a printable peer address.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), "unix".to_owned()))
+            }
+        }
+    }
+
+    /// The bound address, for logs (TCP port 0 resolves to the real port).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, guard) => format!("unix:{}", guard.0.display()),
+        }
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by another process", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Dials the local application.
+pub async fn connect_local(app: &LocalApp) -> io::Result<Stream> {
+    match app {
+        LocalApp::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port)).await?;
+            let _ = s.set_nodelay(true);
+            Ok(Stream::Tcp(s))
+        }
+        LocalApp::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Accepts until `stop` fires, spawning `handle` for each connection on `tracker`, inside a
+/// `conn` span. Accept errors (EMFILE, ...) are logged and retried after a short pause; they
+/// never end the loop. The listener is dropped (closed) when the loop ends.
+pub async fn accept_loop<F, Fut>(
+    listener: Listener,
+    kind: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+    mut handle: F,
+) where
+    F: FnMut(Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tracing::Instrument;
+    let addr = listener.local_addr();
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                pause = std::time::Duration::from_millis(10);
+                let span = tracing::info_span!(
+                    "conn",
+                    listener = kind,
+                    peer.addr = %peer,
+                    peer.id = tracing::field::Empty
+                );
+                tracker.spawn(handle(stream).instrument(span));
+            }
+            Err(error) => {
+                tracing::warn!(listener = kind, %addr, %error, "accept failed; retrying");
+                if !crate::consul::watch::sleep_or_cancel(pause, &stop).await {
+                    break;
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    tracing::debug!(listener = kind, %addr, "listener closed");
+}

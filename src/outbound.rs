@@ -1,0 +1,157 @@
+//! The upstream side: a local client connects, we pick a healthy endpoint, dial it with mTLS
+//! presenting our leaf, check that the server is the service we meant to reach, and splice.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::consul::watch::Subscriber;
+use crate::endpoints::{self, Endpoint, Endpoints};
+use crate::forward;
+use crate::net::Stream;
+use crate::proxy_config::UpstreamSpec;
+use crate::spiffe::TrustDomainPolicy;
+use crate::tls::{TlsConfigs, peer};
+
+/// What every connection of one upstream listener shares.
+pub struct UpstreamContext {
+    /// The upstream.
+    pub spec: UpstreamSpec,
+    /// Its endpoints (`None` until the first answer).
+    pub endpoints: Subscriber<Endpoints>,
+    /// The current TLS configs.
+    pub tls: Subscriber<TlsConfigs>,
+    /// Trust-domain policy for servers.
+    pub trust_domain: TrustDomainPolicy,
+}
+
+/// Why one attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("server identity: {0}")]
+    Identity(peer::IdentityError),
+    #[error("server presented {got}, expected {want}")]
+    Mismatch { got: String, want: String },
+}
+
+/// Handles one local connection; `kill` cuts it (shutdown after the drain deadline).
+pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: CancellationToken) {
+    let spec = &ctx.spec;
+    let mut endpoints_rx = ctx.endpoints.clone();
+    // The first discovery answer may still be on its way: wait for it within the budget.
+    let endpoints =
+        match timeout(spec.connect_timeout, endpoints_rx.wait_for(Option::is_some)).await {
+            Ok(Ok(e)) => e.clone(),
+            _ => None,
+        };
+    let Some(endpoints) = endpoints else {
+        tracing::warn!(upstream = %spec.destination, "no endpoints known yet; closing");
+        return;
+    };
+    let Some(tls) = ctx.tls.borrow().clone() else {
+        tracing::warn!("no TLS configuration yet; closing");
+        return;
+    };
+    if endpoints.list.is_empty() {
+        tracing::warn!(upstream = %spec.destination, "no healthy endpoint; closing");
+        return;
+    }
+    let order = endpoints::attempt_order(endpoints.list.len(), &mut rand::rng());
+    let mut remote = None;
+    for i in order {
+        let ep = &endpoints.list[i];
+        let attempt = tokio::select! {
+            _ = kill.cancelled() => return,
+            r = attempt(ep, &tls, &ctx) => r,
+        };
+        match attempt {
+            Ok(s) => {
+                remote = Some((s, ep));
+                break;
+            }
+            Err(error @ (AttemptError::Identity(_) | AttemptError::Mismatch { .. })) => {
+                tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "upstream identity check failed");
+            }
+            Err(error) => {
+                tracing::info!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "upstream attempt failed");
+            }
+        }
+    }
+    let Some((mut remote, ep)) = remote else {
+        tracing::warn!(upstream = %spec.destination, "every attempt failed; closing");
+        return;
+    };
+    tracing::debug!(endpoint = %ep.authority(), "upstream connected");
+    tokio::select! {
+        _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
+        r = forward::splice(&mut local, &mut remote) => match r {
+            Ok(t) => tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed"),
+            Err(error) => tracing::debug!(%error, "connection ended with an error"),
+        },
+    }
+}
+
+/// One attempt: TCP connect, TLS handshake and identity check, all within the timeout.
+async fn attempt(
+    ep: &Endpoint,
+    tls: &TlsConfigs,
+    ctx: &UpstreamContext,
+) -> Result<TlsStream<TcpStream>, AttemptError> {
+    let budget = ctx.spec.connect_timeout;
+    let work = async {
+        let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
+            .await
+            .map_err(AttemptError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        // No SNI: Connect sidecars do not need it. rustls sends none for an IP server name.
+        let name = match ep.host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(ep.host.clone())
+                .map_err(|e| AttemptError::Connect(std::io::Error::other(e)))?,
+        };
+        let stream = TlsConnector::from(tls.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(AttemptError::Handshake)?;
+        check_server(&stream, ep, tls, ctx.trust_domain)?;
+        Ok(stream)
+    };
+    timeout(budget, work)
+        .await
+        .map_err(|_| AttemptError::Timeout(budget))?
+}
+
+fn check_server(
+    stream: &TlsStream<TcpStream>,
+    ep: &Endpoint,
+    tls: &TlsConfigs,
+    policy: TrustDomainPolicy,
+) -> Result<(), AttemptError> {
+    let (_, conn) = stream.get_ref();
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(AttemptError::Identity(peer::IdentityError::NoCertificate))?;
+    let got = peer::identity(cert).map_err(AttemptError::Identity)?;
+    peer::check_trust_domain(&got.id, &tls.bundle, policy).map_err(AttemptError::Identity)?;
+    let want = ep.expected_id(tls.bundle.trust_domain());
+    if !got.id.same_service(&want) {
+        return Err(AttemptError::Mismatch {
+            got: got.id.to_string(),
+            want: want.to_string(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! The proxy's own configuration, read from its agent registration (`/v1/agent/service/:id`)
+//! and turned into typed listeners. A registration we cannot honour exactly is rejected with
+//! a reason, never half-applied.
+//!
+//! Address precedence (differs from Consul's built-in proxy on purpose; see the README):
+//! - `Proxy.Config.bind_address` / `bind_port` override the registration's `Address` / `Port`
+//!   (the registration's address is what *other* services dial, which may not be a local
+//!   interface); an empty address means all IPv4 interfaces, port 0 means no public listener;
+//! - `Proxy.Config.local_service_address` (`host` or `host:port`) overrides
+//!   `LocalServiceAddress` / `LocalServicePort`; then `LocalServiceSocketPath`; then
+//!   `LocalServiceAddress` (default `127.0.0.1`) with `LocalServicePort`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::consul::api;
+
+/// Default TLS handshake timeout (`handshake_timeout_ms`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default local app dial timeout (`local_connect_timeout_ms`).
+pub const DEFAULT_LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default upstream dial + handshake timeout per attempt (`connect_timeout_ms`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The proxy configuration at one point in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The registration ID.
+    pub proxy_id: String,
+    /// The service we are a proxy for: our identity.
+    pub service: String,
+    /// The agent's datacenter.
+    pub datacenter: String,
+    /// The mTLS listener, if the registration has a port.
+    pub public: Option<PublicListener>,
+    /// One listener per upstream.
+    pub upstreams: Vec<UpstreamSpec>,
+}
+
+/// The inbound (mTLS) side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicListener {
+    /// Where to listen.
+    pub bind: SocketAddr,
+    /// Where authorized traffic goes.
+    pub local_app: LocalApp,
+    /// Limit for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Limit for dialling the local app.
+    pub local_connect_timeout: Duration,
+}
+
+/// The local application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalApp {
+    /// TCP `host:port`.
+    Tcp {
+        /// Host name or IP literal.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+/// An upstream listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    /// What to reach.
+    pub destination: Destination,
+    /// The datacenter to look in; `None` is the local one.
+    pub datacenter: Option<String>,
+    /// Where local clients connect.
+    pub bind: BindAddr,
+    /// Limit for one attempt (TCP connect and TLS handshake).
+    pub connect_timeout: Duration,
+}
+
+/// An upstream target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// A service, discovered through `/v1/health/connect/:name`.
+    Service(String),
+    /// A prepared query, executed with `connect=true`.
+    PreparedQuery(String),
+}
+
+/// A local listening address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BindAddr {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for LocalApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalApp::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            LocalApp::Tcp { host, port } => write!(f, "{host}:{port}"),
+            LocalApp::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Service(n) => write!(f, "service {n}"),
+            Destination::PreparedQuery(n) => write!(f, "prepared query {n}"),
+        }
+    }
+}
+
+impl std::fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddr::Tcp(a) => write!(f, "{a}"),
+            BindAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A registration converted, with notes on anything skipped.
+#[derive(Clone, Debug)]
+pub struct Converted {
+    /// The configuration.
+    pub config: ProxyConfig,
+    /// Things skipped on purpose (e.g. upstreams with no local port), for the log.
+    pub notes: Vec<String>,
+}
+
+impl ProxyConfig {
+    /// Converts a registration; `Err` says why it cannot be honoured.
+    pub fn from_api(svc: &api::AgentService) -> Result<Converted, String> {
+        if svc.kind != "connect-proxy" {
+            let kind = if svc.kind.is_empty() {
+                "typical service"
+            } else {
+                svc.kind.as_str()
+            };
+            return Err(format!(
+                "registration {:?} is a {kind}, not a connect-proxy",
+                svc.id
+            ));
+        }
+        let proxy = svc
+            .proxy
+            .as_ref()
+            .ok_or_else(|| format!("registration {:?} has no Proxy block", svc.id))?;
+        if proxy.destination_service_name.is_empty() {
+            return Err(format!(
+                "registration {:?} has no Proxy.DestinationServiceName",
+                svc.id
+            ));
+        }
+        let cfg = &proxy.config;
+        let mut notes = Vec::new();
+
+        let bind_port = match opt_u16(cfg, "bind_port")? {
+            Some(p) => p,
+            None => svc.port,
+        };
+        let public = if bind_port == 0 {
+            notes.push("no public port: inbound listener disabled".to_owned());
+            None
+        } else {
+            let bind_ip = match opt_str(cfg, "bind_address")? {
+                Some(a) => parse_ip("Proxy.Config.bind_address", a)?,
+                None if svc.address.is_empty() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                None => parse_ip("Address", &svc.address)?,
+            };
+            Some(PublicListener {
+                bind: SocketAddr::new(bind_ip, bind_port),
+                local_app: local_app(proxy)?,
+                handshake_timeout: duration_ms(
+                    cfg,
+                    "handshake_timeout_ms",
+                    DEFAULT_HANDSHAKE_TIMEOUT,
+                )?,
+                local_connect_timeout: duration_ms(
+                    cfg,
+                    "local_connect_timeout_ms",
+                    DEFAULT_LOCAL_CONNECT_TIMEOUT,
+                )?,
+            })
+        };
+
+        let mut upstreams = Vec::new();
+        for u in &proxy.upstreams {
+            if let Some(spec) = upstream(u, &mut notes)? {
+                upstreams.push(spec);
+            }
+        }
+        check_unique_binds(public.as_ref(), &upstreams)?;
+
+        Ok(Converted {
+            config: ProxyConfig {
+                proxy_id: svc.id.clone(),
+                service: proxy.destination_service_name.clone(),
+                datacenter: svc.datacenter.clone(),
+                public,
+                upstreams,
+            },
+            notes,
+        })
+    }
+}
+
+fn local_app(proxy: &api::AgentProxy) -> Result<LocalApp, String> {
+    if let Some(raw) = opt_str(&proxy.config, "local_service_address")? {
+        return match split_host_port(raw) {
+            Some((host, port)) => Ok(LocalApp::Tcp { host, port }),
+            None if proxy.local_service_port != 0 => Ok(LocalApp::Tcp {
+                host: raw.trim_matches(|c| c == '[' || c == ']').to_owned(),
+                port: proxy.local_service_port,
+            }),
+            None => Err(format!(
+                "Proxy.Config.local_service_address {raw:?} has no port and LocalServicePort is unset"
+            )),
+        };
+    }
+    if !proxy.local_service_socket_path.is_empty() {
+        return Ok(LocalApp::Unix(PathBuf::from(
+            &proxy.local_service_socket_path,
+        )));
+    }
+    if proxy.local_service_port == 0 {
+        return Err("no local service: LocalServicePort is 0 and no socket path is set".into());
+    }
+    let host = if proxy.local_service_address.is_empty() {
+        "127.0.0.1".to_owned()
+    } else {
+        proxy.local_service_address.clone()
+    };
+    Ok(LocalApp::Tcp {
+        host,
+        port: proxy.local_service_port,
+    })
+}
+
+fn upstream(u: &api::Upstream, notes: &mut Vec<String>) -> Result<Option<UpstreamSpec>, String> {
+    if u.centrally_configured {
+        notes.push(format!(
+            "upstream {:?} is centrally configured (no listener)",
+            u.destination_name
+        ));
+        return Ok(None);
+    }
+    if u.destination_name.is_empty() {
+        return Err("an upstream has no DestinationName".into());
+    }
+    let destination = match u.destination_type.as_str() {
+        "" | "service" => Destination::Service(u.destination_name.clone()),
+        "prepared_query" => Destination::PreparedQuery(u.destination_name.clone()),
+        other => {
+            return Err(format!(
+                "upstream {:?}: unknown DestinationType {other:?}",
+                u.destination_name
+            ));
+        }
+    };
+    let bind = if !u.local_bind_socket_path.is_empty() {
+        BindAddr::Unix(PathBuf::from(&u.local_bind_socket_path))
+    } else if u.local_bind_port == 0 {
+        notes.push(format!(
+            "upstream {:?} has no LocalBindPort (no listener)",
+            u.destination_name
+        ));
+        return Ok(None);
+    } else {
+        let ip = if u.local_bind_address.is_empty() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            parse_ip("LocalBindAddress", &u.local_bind_address)?
+        };
+        BindAddr::Tcp(SocketAddr::new(ip, u.local_bind_port))
+    };
+    Ok(Some(UpstreamSpec {
+        destination,
+        datacenter: (!u.datacenter.is_empty()).then(|| u.datacenter.clone()),
+        bind,
+        connect_timeout: duration_ms(&u.config, "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT)
+            .map_err(|e| format!("upstream {:?}: {e}", u.destination_name))?,
+    }))
+}
+
+fn check_unique_binds(
+    public: Option<&PublicListener>,
+    upstreams: &[UpstreamSpec],
+) -> Result<(), String> {
+    let mut seen: Vec<BindAddr> = public.map(|p| BindAddr::Tcp(p.bind)).into_iter().collect();
+    for u in upstreams {
+        if seen.contains(&u.bind) {
+            return Err(format!("two listeners on {} ({})", u.bind, u.destination));
+        }
+        seen.push(u.bind.clone());
+    }
+    Ok(())
+}
+
+fn parse_ip(field: &str, s: &str) -> Result<IpAddr, String> {
+    s.trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .map_err(|_| format!("{field} {s:?} is not an IP address"))
+}
+
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    if host.contains(':') && !host.starts_with('[') {
+        return None; // a bare IPv6 address, no port
+    }
+    let port = port.parse().ok()?;
+    Some((host.trim_matches(|c| c == '[' || c == ']').to_owned(), port))
+}
+
+fn opt_str<'a>(cfg: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("Proxy.Config.{key} must be a string, got {other}")),
+    }
+}
+
+/// A non-negative integer from a JSON number or numeric string (the agent sends either).
+fn opt_number(cfg: &Map<String, Value>, key: &str) -> Result<Option<f64>, String> {
+    let n = match cfg.get(key) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match n {
+        Some(n) if n.is_finite() && n >= 0.0 && n.fract() == 0.0 => Ok(Some(n)),
+        _ => Err(format!(
+            "{key} must be a non-negative integer, got {}",
+            cfg[key]
+        )),
+    }
+}
+
+fn opt_u16(cfg: &Map<String, Value>, key: &str) -> Result<Option<u16>, String> {
+    match opt_number(cfg, key)? {
+        None => Ok(None),
+        Some(n) if n <= f64::from(u16::MAX) => Ok(Some(n as u16)),
+        Some(n) => Err(format!("{key} {n} is not a port")),
+    }
+}
+
+fn duration_ms(cfg: &Map<String, Value>, key: &str, default: Duration) -> Result<Duration, String> {
+    match opt_number(cfg, key)? {
+        None => Ok(default),
+        Some(0.0) => Err(format!("{key} must be greater than 0")),
+        Some(ms) if ms <= 86_400_000.0 => Ok(Duration::from_millis(ms as u64)),
+        Some(ms) => Err(format!("{key} {ms} is more than a day")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(json: serde_json::Value) -> api::AgentService {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn sidecar() -> serde_json::Value {
+        serde_json::json!({
+            "Kind": "connect-proxy", "ID": "web-sidecar-proxy", "Service": "web-sidecar-proxy",
+            "Port": 21000, "Address": "", "Datacenter": "dc1",
+            "Proxy": {
+                "DestinationServiceName": "web", "DestinationServiceID": "web",
+                "LocalServiceAddress": "127.0.0.1", "LocalServicePort": 8080,
+                "Config": {"local_connect_timeout_ms": 2000, "handshake_timeout_ms": "5000"},
+                "Upstreams": [
+                    {"DestinationType": "service", "DestinationName": "db",
+                     "LocalBindAddress": "127.0.0.1", "LocalBindPort": 9191,
+                     "Config": {"connect_timeout_ms": 3000.0}},
+                    {"DestinationType": "prepared_query", "DestinationName": "db-geo",
+                     "LocalBindPort": 9192, "Datacenter": "dc2"},
+                    {"DestinationName": "tp", "CentrallyConfigured": true}
+                ]
+            }
+        })
+    }
+
+    #[test]
+    fn maps_a_sidecar_registration() {
+        let c = ProxyConfig::from_api(&registration(sidecar())).unwrap();
+        let cfg = c.config;
+        assert_eq!(cfg.service, "web");
+        assert_eq!(cfg.datacenter, "dc1");
+        let public = cfg.public.unwrap();
+        assert_eq!(public.bind, "0.0.0.0:21000".parse().unwrap());
+        assert_eq!(
+            public.local_app,
+            LocalApp::Tcp {
+                host: "127.0.0.1".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(public.local_connect_timeout, Duration::from_millis(2000));
+        assert_eq!(
+            public.handshake_timeout,
+            Duration::from_millis(5000),
+            "numeric strings accepted"
+        );
+        assert_eq!(cfg.upstreams.len(), 2);
+        assert_eq!(
+            cfg.upstreams[0].destination,
+            Destination::Service("db".into())
+        );
+        assert_eq!(
+            cfg.upstreams[0].bind,
+            BindAddr::Tcp("127.0.0.1:9191".parse().unwrap())
+        );
+        assert_eq!(
+            cfg.upstreams[0].connect_timeout,
+            Duration::from_millis(3000)
+        );
+        assert_eq!(
+            cfg.upstreams[1].destination,
+            Destination::PreparedQuery("db-geo".into())
+        );
+        assert_eq!(cfg.upstreams[1].datacenter.as_deref(), Some("dc2"));
+        assert_eq!(cfg.upstreams[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert!(c.notes.iter().any(|n| n.contains("centrally configured")));
+    }
+
+    #[test]
+    fn config_bind_keys_override_the_registration() {
+        let mut j = sidecar();
+        j["Address"] = "10.0.0.5".into();
+        j["Proxy"]["Config"]["bind_address"] = "127.0.0.2".into();
+        j["Proxy"]["Config"]["bind_port"] = 22000.into();
+        j["Proxy"]["Config"]["local_service_address"] = "127.0.0.3:9000".into();
+        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        let public = cfg.public.unwrap();
+        assert_eq!(public.bind, "127.0.0.2:22000".parse().unwrap());
+        assert_eq!(
+            public.local_app,
+            LocalApp::Tcp {
+                host: "127.0.0.3".into(),
+                port: 9000
+            }
+        );
+    }
+
+    #[test]
+    fn registration_address_used_without_config_keys() {
+        let mut j = sidecar();
+        j["Address"] = "127.0.0.9".into();
+        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        assert_eq!(cfg.public.unwrap().bind, "127.0.0.9:21000".parse().unwrap());
+    }
+
+    #[test]
+    fn local_service_address_host_only_takes_the_registration_port() {
+        let mut j = sidecar();
+        j["Proxy"]["Config"]["local_service_address"] = "localhost".into();
+        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        assert_eq!(
+            cfg.public.unwrap().local_app,
+            LocalApp::Tcp {
+                host: "localhost".into(),
+                port: 8080
+            }
+        );
+    }
+
+    #[test]
+    fn unix_socket_local_app_and_upstream() {
+        let mut j = sidecar();
+        j["Proxy"]["LocalServicePort"] = 0.into();
+        j["Proxy"]["LocalServiceSocketPath"] = "/run/web.sock".into();
+        j["Proxy"]["Upstreams"][0]["LocalBindSocketPath"] = "/run/db.sock".into();
+        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        assert_eq!(
+            cfg.public.unwrap().local_app,
+            LocalApp::Unix("/run/web.sock".into())
+        );
+        assert_eq!(cfg.upstreams[0].bind, BindAddr::Unix("/run/db.sock".into()));
+    }
+
+    #[test]
+    fn port_zero_means_no_public_listener() {
+        let mut j = sidecar();
+        j["Port"] = 0.into();
+        let c = ProxyConfig::from_api(&registration(j)).unwrap();
+        assert!(c.config.public.is_none());
+        assert!(c.notes.iter().any(|n| n.contains("no public port")));
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_honour() {
+        type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|j| j["Kind"] = "".into()), "not a connect-proxy"),
+            (
+                Box::new(|j| j["Proxy"]["DestinationServiceName"] = "".into()),
+                "DestinationServiceName",
+            ),
+            (
+                Box::new(|j| j["Address"] = "my-host".into()),
+                "not an IP address",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Config"]["handshake_timeout_ms"] = "soon".into()),
+                "handshake_timeout_ms",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Config"]["handshake_timeout_ms"] = (-5).into()),
+                "non-negative",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Config"]["local_connect_timeout_ms"] = 0.into()),
+                "greater than 0",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Config"]["bind_port"] = 70000.into()),
+                "not a port",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Upstreams"][0]["DestinationType"] = "mesh".into()),
+                "DestinationType",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["Upstreams"][1]["LocalBindPort"] = 9191.into()),
+                "two listeners",
+            ),
+            (
+                Box::new(|j| j["Proxy"]["LocalServicePort"] = 0.into()),
+                "no local service",
+            ),
+        ];
+        for (mutate, needle) in cases {
+            let mut j = sidecar();
+            mutate(&mut j);
+            let err = ProxyConfig::from_api(&registration(j)).unwrap_err();
+            assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The trust bundle: every Connect CA root (active or not) as a trust anchor, plus the
+//! intermediates Consul lists, parsed once per roots change.
+
+use rustls::pki_types::{CertificateDer, TrustAnchor};
+
+use crate::consul::api;
+
+/// Parsed `/v1/agent/connect/ca/roots`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustBundle {
+    trust_domain: String,
+    /// Trust domains of roots kept after a trust-domain change.
+    previous_trust_domains: Vec<String>,
+    anchors: Vec<TrustAnchor<'static>>,
+    intermediates: Vec<CertificateDer<'static>>,
+    root_ids: Vec<String>,
+}
+
+impl TrustBundle {
+    /// Parses the roots. A root whose PEM does not parse is left out (never trusted) and named
+    /// in the returned warnings; an update with no usable root at all is rejected.
+    pub fn from_api(roots: &api::CaRoots) -> Result<(Self, Vec<String>), String> {
+        if roots.trust_domain.is_empty() {
+            return Err("roots carry no TrustDomain".into());
+        }
+        let mut warnings = Vec::new();
+        let mut anchors = Vec::new();
+        let mut intermediates = Vec::new();
+        let mut root_ids = Vec::new();
+        let mut previous_trust_domains = Vec::new();
+        for root in &roots.roots {
+            let anchor = first_cert(&root.root_cert).and_then(|der| {
+                webpki::anchor_from_trusted_cert(&der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| format!("not a usable trust anchor: {e}"))
+            });
+            match anchor {
+                Ok(a) => {
+                    anchors.push(a);
+                    root_ids.push(root.id.clone());
+                }
+                Err(e) => {
+                    warnings.push(format!(
+                        "CA root {:?} ({}) ignored: {e}",
+                        root.id, root.name
+                    ));
+                    continue;
+                }
+            }
+            for pem in &root.intermediate_certs {
+                match first_cert(pem) {
+                    Ok(der) => intermediates.push(der),
+                    Err(e) => {
+                        warnings.push(format!("intermediate of root {:?} ignored: {e}", root.id))
+                    }
+                }
+            }
+            // Consul 1.14 fills ExternalTrustDomain with the bare cluster ID (no `.consul`).
+            let mut external = root.external_trust_domain.to_ascii_lowercase();
+            if !external.is_empty() && !external.contains('.') {
+                external.push_str(".consul");
+            }
+            if !external.is_empty()
+                && external != roots.trust_domain.to_ascii_lowercase()
+                && !previous_trust_domains.contains(&external)
+            {
+                previous_trust_domains.push(external);
+            }
+        }
+        if anchors.is_empty() {
+            return Err(format!("no usable CA root ({} listed)", roots.roots.len()));
+        }
+        Ok((
+            TrustBundle {
+                trust_domain: roots.trust_domain.to_ascii_lowercase(),
+                previous_trust_domains,
+                anchors,
+                intermediates,
+                root_ids,
+            },
+            warnings,
+        ))
+    }
+
+    /// The cluster's current trust domain (lowercase).
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Whether `domain` is ours: the current one or one the cluster migrated from.
+    pub fn is_own_trust_domain(&self, domain: &str) -> bool {
+        domain.eq_ignore_ascii_case(&self.trust_domain)
+            || self
+                .previous_trust_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The trust anchors.
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+
+    /// Extra intermediates offered to chain building.
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    /// The IDs of the roots in use, for logs.
+    pub fn root_ids(&self) -> &[String] {
+        &self.root_ids
+    }
+}
+
+/// The first certificate in a PEM string.
+pub fn first_cert(pem: &str) -> Result<CertificateDer<'static>, String> {
+    let mut reader = pem.as_bytes();
+    match rustls_pemfile::certs(&mut reader).next() {
+        Some(Ok(der)) => Ok(der),
+        Some(Err(e)) => Err(format!("bad PEM: {e}")),
+        None => Err("no certificate in PEM".into()),
+    }
+}

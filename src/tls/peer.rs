@@ -1,0 +1,115 @@
+//! Reading a peer's identity from its (already chain-verified) leaf certificate.
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::TrustBundle;
+use crate::spiffe::{SpiffeError, SpiffeId, TrustDomainPolicy};
+
+/// Who the peer is, as its certificate says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The service identity from the single `spiffe://` URI SAN.
+    pub id: SpiffeId,
+    /// Colon-hex serial (Consul's `connect.HexString` form).
+    pub serial: String,
+}
+
+/// Why a certificate does not carry a usable identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The peer sent no certificate.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// Not a parseable X.509 certificate.
+    #[error("unparseable certificate: {0}")]
+    Unparseable(String),
+    /// No `spiffe://` URI SAN.
+    #[error("certificate has no spiffe:// URI SAN")]
+    NoSpiffeId,
+    /// More than one `spiffe://` URI SAN: ambiguous, refused.
+    #[error("certificate has {0} spiffe:// URI SANs; exactly one is required")]
+    SeveralSpiffeIds(usize),
+    /// The SPIFFE URI is not a service identity.
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    /// The identity is in another trust domain.
+    #[error("{id} is not in our trust domain {ours}")]
+    ForeignTrustDomain {
+        /// The peer's identity.
+        id: Box<SpiffeId>,
+        /// Our trust domain.
+        ours: String,
+    },
+}
+
+/// Extracts the identity from a leaf certificate: exactly one `spiffe://` URI SAN, which must
+/// be a Connect service identity. Other URI SANs are ignored.
+pub fn identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityError> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let mut uris = san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri)
+                if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") =>
+            {
+                Some(*uri)
+            }
+            _ => None,
+        });
+    let first = uris.next().ok_or(IdentityError::NoSpiffeId)?;
+    let extra = uris.count();
+    if extra > 0 {
+        return Err(IdentityError::SeveralSpiffeIds(extra + 1));
+    }
+    Ok(PeerIdentity {
+        id: SpiffeId::parse(first)?,
+        serial: colon_hex(x509.raw_serial()),
+    })
+}
+
+/// Checks the identity's trust domain against the bundle, unless the policy is `Ignore`.
+pub fn check_trust_domain(
+    id: &SpiffeId,
+    bundle: &TrustBundle,
+    policy: TrustDomainPolicy,
+) -> Result<(), IdentityError> {
+    if policy == TrustDomainPolicy::Ignore || bundle.is_own_trust_domain(id.trust_domain()) {
+        return Ok(());
+    }
+    Err(IdentityError::ForeignTrustDomain {
+        id: Box::new(id.clone()),
+        ours: bundle.trust_domain().to_owned(),
+    })
+}
+
+/// Lowercase colon-hex of the minimal big-endian serial bytes, e.g. `1e:4c:07`.
+fn colon_hex(bytes: &[u8]) -> String {
+    let trimmed = match bytes.iter().position(|b| *b != 0) {
+        Some(i) => &bytes[i..],
+        None => &bytes[bytes.len().saturating_sub(1)..],
+    };
+    trimmed
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colon_hex_is_minimal_lowercase() {
+        assert_eq!(colon_hex(&[0x00, 0x1e, 0x4c, 0x07]), "1e:4c:07");
+        assert_eq!(colon_hex(&[0x08]), "08");
+        assert_eq!(colon_hex(&[0x00]), "00");
+    }
+}

@@ -1,0 +1,211 @@
+//! Certificate verifiers that trust only the Connect CA roots and check no host name: Connect
+//! certificates carry a SPIFFE URI SAN, not a DNS name. Identity is checked after the
+//! handshake (see [`super::peer`]); these verifiers prove only that the chain is ours.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use webpki::KeyUsage;
+
+use super::TrustBundle;
+
+/// Verifies a peer chain against the bundle for the given usage.
+fn verify_chain(
+    bundle: &TrustBundle,
+    provider: &CryptoProvider,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: KeyUsage,
+) -> Result<(), rustls::Error> {
+    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+    let extra = bundle.intermediates();
+    let owned;
+    let intermediates: &[CertificateDer<'_>] = if extra.is_empty() {
+        intermediates
+    } else {
+        owned = intermediates
+            .iter()
+            .cloned()
+            .chain(extra.iter().cloned())
+            .collect::<Vec<_>>();
+        &owned
+    };
+    cert.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        bundle.anchors(),
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(pki_error)
+}
+
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let ce = match e {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding,
+        E::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
+        E::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }
+        }
+        E::InvalidCertValidity => CertificateError::Expired,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}
+
+/// Inbound: requires a client certificate chained to the Connect roots (client-auth usage).
+#[derive(Debug)]
+pub struct ConnectClientVerifier {
+    bundle: Arc<TrustBundle>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ConnectClientVerifier {
+    /// A verifier over this bundle.
+    pub fn new(bundle: Arc<TrustBundle>, provider: Arc<CryptoProvider>) -> Self {
+        ConnectClientVerifier { bundle, provider }
+    }
+}
+
+impl ClientCertVerifier for ConnectClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_chain(
+            &self.bundle,
+            &self.provider,
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Outbound: requires the server's chain to end in a Connect root (server-auth usage). The
+/// server name is ignored; the expected SPIFFE ID is checked after the handshake.
+#[derive(Debug)]
+pub struct ConnectServerVerifier {
+    bundle: Arc<TrustBundle>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ConnectServerVerifier {
+    /// A verifier over this bundle.
+    pub fn new(bundle: Arc<TrustBundle>, provider: Arc<CryptoProvider>) -> Self {
+        ConnectServerVerifier { bundle, provider }
+    }
+}
+
+impl ServerCertVerifier for ConnectServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_chain(
+            &self.bundle,
+            &self.provider,
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::server_auth(),
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,181 @@
+//! The background watches: one blocking-query loop per piece of agent state, each publishing
+//! a typed snapshot (`None` until the first good value).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch::channel;
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::Intentions;
+use crate::consul::watch::{self, Hash, Index, Subscriber, WatchSettings};
+use crate::consul::{Blocking, ConsulClient};
+use crate::endpoints::Endpoints;
+use crate::proxy_config::{Destination, ProxyConfig, UpstreamSpec};
+use crate::tls::{Leaf, TrustBundle};
+
+/// How often prepared queries (which cannot block) are re-executed.
+pub const PREPARED_QUERY_INTERVAL: Duration = Duration::from_secs(10);
+
+fn blocking(index: Index, settings: &WatchSettings) -> Blocking {
+    Blocking {
+        index: index.0,
+        wait: settings.wait,
+    }
+}
+
+/// Watches the CA roots.
+pub fn spawn_roots(
+    client: ConsulClient,
+    settings: WatchSettings,
+    cancel: CancellationToken,
+) -> Subscriber<TrustBundle> {
+    let (tx, rx) = channel(None);
+    tokio::spawn(async move {
+        watch::run("roots", &settings, tx, cancel, |index: Index| {
+            let client = client.clone();
+            let q = blocking(index, &settings);
+            async move {
+                let r = client.ca_roots(q).await?;
+                let bundle = TrustBundle::from_api(&r.value).map(|(bundle, warnings)| {
+                    for w in warnings {
+                        tracing::error!(warning = %w, "CA roots");
+                    }
+                    bundle
+                });
+                Ok((Index(r.index), bundle))
+            }
+        })
+        .await
+    });
+    rx
+}
+
+/// Watches our leaf certificate (issued for the service name we front).
+pub fn spawn_leaf(
+    client: ConsulClient,
+    service: String,
+    settings: WatchSettings,
+    cancel: CancellationToken,
+) -> Subscriber<Leaf> {
+    let (tx, rx) = channel(None);
+    tokio::spawn(async move {
+        watch::run("leaf", &settings, tx, cancel, |index: Index| {
+            let client = client.clone();
+            let service = service.clone();
+            let q = blocking(index, &settings);
+            async move {
+                let r = client.ca_leaf(&service, q).await?;
+                Ok((Index(r.index), Leaf::from_api(&r.value, &service)))
+            }
+        })
+        .await
+    });
+    rx
+}
+
+/// Watches the intentions whose destination is `service`.
+pub fn spawn_intentions(
+    client: ConsulClient,
+    service: String,
+    settings: WatchSettings,
+    cancel: CancellationToken,
+) -> Subscriber<Intentions> {
+    let (tx, rx) = channel(None);
+    tokio::spawn(async move {
+        watch::run("intentions", &settings, tx, cancel, |index: Index| {
+            let client = client.clone();
+            let service = service.clone();
+            let q = blocking(index, &settings);
+            async move {
+                let r = client.intentions_match(&service, q).await?;
+                Ok((Index(r.index), Ok(Intentions::from_api(&service, r.value))))
+            }
+        })
+        .await
+    });
+    rx
+}
+
+/// Watches the proxy's own registration (hash-based blocking), starting from `initial`.
+pub fn spawn_proxy_config(
+    client: ConsulClient,
+    proxy_id: String,
+    initial: (ProxyConfig, String),
+    settings: WatchSettings,
+    cancel: CancellationToken,
+) -> Subscriber<ProxyConfig> {
+    let (config, hash) = initial;
+    let (tx, rx) = channel(Some(Arc::new(config)));
+    tokio::spawn(async move {
+        let first = std::sync::Mutex::new(Some(hash));
+        watch::run("proxy-config", &settings, tx, cancel, |cursor: Hash| {
+            let client = client.clone();
+            let proxy_id = proxy_id.clone();
+            // Resume from the hash of the start-up read instead of fetching it again.
+            let hash = cursor.0.or_else(|| first.lock().expect("hash lock").take());
+            let wait = settings.wait;
+            async move {
+                let (svc, hash) = client
+                    .agent_service(&proxy_id, hash.as_deref(), wait)
+                    .await?;
+                let converted = ProxyConfig::from_api(&svc).map(|c| {
+                    for note in c.notes {
+                        tracing::info!(%note, "proxy configuration");
+                    }
+                    c.config
+                });
+                Ok((Hash(Some(hash)), converted))
+            }
+        })
+        .await
+    });
+    rx
+}
+
+/// Watches the endpoints of one upstream: blocking health queries for services, periodic
+/// execution for prepared queries (they cannot block).
+pub fn spawn_endpoints(
+    client: ConsulClient,
+    spec: &UpstreamSpec,
+    settings: WatchSettings,
+    cancel: CancellationToken,
+) -> Subscriber<Endpoints> {
+    let (tx, rx) = channel(None);
+    let datacenter = spec.datacenter.clone();
+    let name = format!("endpoints {}", spec.destination);
+    match spec.destination.clone() {
+        Destination::Service(service) => {
+            tokio::spawn(async move {
+                watch::run(&name, &settings, tx, cancel, |index: Index| {
+                    let client = client.clone();
+                    let (service, dc) = (service.clone(), datacenter.clone());
+                    let q = blocking(index, &settings);
+                    async move {
+                        let r = client.health_connect(&service, dc.as_deref(), q).await?;
+                        Ok((Index(r.index), Ok(Endpoints::from_health(&r.value))))
+                    }
+                })
+                .await
+            });
+        }
+        Destination::PreparedQuery(query) => {
+            tokio::spawn(async move {
+                // The cursor counts successful polls: 0 (start, or after an error) polls at once.
+                watch::run(&name, &settings, tx, cancel, |polls: Index| {
+                    let client = client.clone();
+                    let (query, dc) = (query.clone(), datacenter.clone());
+                    async move {
+                        if polls.0 > 0 {
+                            tokio::time::sleep(PREPARED_QUERY_INTERVAL).await;
+                        }
+                        let r = client.prepared_query(&query, dc.as_deref()).await?;
+                        Ok((Index(polls.0 + 1), Ok(Endpoints::from_health(&r.nodes))))
+                    }
+                })
+                .await
+            });
+        }
+    }
+    rx
+}
