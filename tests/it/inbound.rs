@@ -1,0 +1,246 @@
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::fake_agent::intention_json;
+use crate::support::mesh::Mesh;
+use crate::support::pki::{LeafSpec, TestCa};
+use crate::support::tls_client;
+use crate::support::{DEADLINE, eventually};
+
+/// Opens an mTLS connection to db's public port with `leaf` and checks whether bytes echo.
+async fn echoes(port: u16, leaf: Option<&crate::support::pki::TestLeaf>) -> bool {
+    let Ok(mut s) = tls_client::connect(port, leaf).await else {
+        return false;
+    };
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && &buf == b"ping"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_caller_reaches_the_app() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    assert!(echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await);
+    assert_eq!(mesh.echo.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_intention_refuses_before_dialing_the_app() {
+    let mesh = Mesh::new().await;
+    mesh.agent
+        .set_intentions("db", vec![intention_json("web", "db", "deny", 9)]);
+    let db = mesh.start_db().await;
+    assert!(!echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await);
+    db.wait_log("connection denied").await;
+    assert_eq!(
+        mesh.echo.accepted(),
+        0,
+        "a denied caller must never reach the local app"
+    );
+
+    // Flip to allow: new connections get through without a restart.
+    mesh.agent
+        .set_intentions("db", vec![intention_json("web", "db", "allow", 9)]);
+    eventually("allow takes effect", DEADLINE, || async {
+        echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1")))
+            .await
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_intention_denies_at_l4() {
+    let mesh = Mesh::new().await;
+    let mut l7 = intention_json("web", "db", "", 9);
+    l7["Permissions"] = json!([{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]);
+    l7.as_object_mut().unwrap().remove("Action");
+    mesh.agent.set_intentions("db", vec![l7]);
+    let db = mesh.start_db().await;
+    assert!(!echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await);
+    db.wait_log("L7 intention").await;
+    assert_eq!(mesh.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_caller_gets_the_agent_default_without_a_round_trip_per_connection() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    db.wait_log("learned the agent's default intention policy")
+        .await;
+    let before = mesh.agent.count("POST /v1/agent/connect/authorize");
+    for _ in 0..5 {
+        assert!(
+            echoes(mesh.db_public, Some(&mesh.ca.leaf("api", "dc1"))).await,
+            "default allow"
+        );
+    }
+    assert_eq!(
+        mesh.agent.count("POST /v1/agent/connect/authorize"),
+        before,
+        "no agent call per connection once the default is known"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_caller_is_denied_when_the_default_is_deny() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_default_allow(false);
+    let db = mesh.start_db().await;
+    db.wait_log("learned the agent's default intention policy")
+        .await;
+    assert!(!echoes(mesh.db_public, Some(&mesh.ca.leaf("api", "dc1"))).await);
+    assert!(
+        echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await,
+        "the allow intention still applies"
+    );
+    assert_eq!(mesh.echo.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_certificate_is_refused() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    assert!(!echoes(mesh.db_public, None).await);
+    db.wait_log("TLS handshake failed").await;
+    assert_eq!(mesh.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused() {
+    let mesh = Mesh::new().await;
+    let rogue = TestCa::new("99999999-2222-3333-4444-555555555555");
+    let db = mesh.start_db().await;
+    // Same trust domain text, different key: only the chain can tell.
+    let mut forged = rogue.leaf_with(
+        "web",
+        LeafSpec {
+            uris: vec![mesh.ca.service_uri("web", "dc1")],
+            expired: false,
+        },
+    );
+    forged.service = "web".into();
+    assert!(!echoes(mesh.db_public, Some(&forged)).await);
+    db.wait_log("UnknownIssuer").await;
+    assert_eq!(mesh.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_is_refused() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let expired = mesh.ca.leaf_with(
+        "web",
+        LeafSpec {
+            uris: vec![mesh.ca.service_uri("web", "dc1")],
+            expired: true,
+        },
+    );
+    assert!(
+        !echoes(mesh.db_public, Some(&expired)).await,
+        "{}",
+        db.logs()
+    );
+    db.wait_log("certificate expired").await;
+    assert_eq!(mesh.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_spiffe_ids_are_refused() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let td = mesh.ca.trust_domain.clone();
+    let cases = [
+        (
+            vec![format!("spiffe://{td}/agent/client/dc/dc1/id/node-1")],
+            "client agent identity",
+        ),
+        (vec![], "no spiffe:// URI SAN"),
+        (
+            vec![
+                mesh.ca.service_uri("web", "dc1"),
+                mesh.ca.service_uri("api", "dc1"),
+            ],
+            "2 spiffe:// URI SANs",
+        ),
+        (
+            vec!["spiffe://other-cluster.consul/ns/default/dc/dc1/svc/web".to_owned()],
+            "not in our trust domain",
+        ),
+    ];
+    for (uris, log) in cases {
+        let leaf = mesh.ca.leaf_with(
+            "web",
+            LeafSpec {
+                uris,
+                expired: false,
+            },
+        );
+        assert!(!echoes(mesh.db_public, Some(&leaf)).await, "{log}");
+        db.wait_log(log).await;
+    }
+    assert_eq!(mesh.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_validation_off_relaxes_only_the_trust_domain() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db_with(&["-spiffe-validation=off"]).await;
+    let foreign_td = mesh.ca.leaf_with(
+        "web",
+        LeafSpec {
+            uris: vec!["spiffe://other-cluster.consul/ns/default/dc/dc1/svc/web".into()],
+            expired: false,
+        },
+    );
+    assert!(
+        echoes(mesh.db_public, Some(&foreign_td)).await,
+        "trust domain relaxed"
+    );
+    let rogue = TestCa::new("99999999-0000-0000-0000-000000000000").leaf("web", "dc1");
+    assert!(
+        !echoes(mesh.db_public, Some(&rogue)).await,
+        "chain verification is never relaxed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_tls_port_is_dropped_and_service_continues() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let mut s = TcpStream::connect(("127.0.0.1", mesh.db_public))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("closed by the proxy");
+    db.wait_log("TLS handshake failed").await;
+    assert!(echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handshake_is_cut_at_the_handshake_timeout() {
+    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": 300})).await;
+    let db = mesh.start_db().await;
+    let mut s = TcpStream::connect(("127.0.0.1", mesh.db_public))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    // Without a handshake timeout this read would hang until the test's deadline.
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+        .await
+        .expect("proxy closed the idle handshake");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    db.wait_log("TLS handshake timed out").await;
+}

@@ -1,0 +1,80 @@
+use crate::support::mesh::Mesh;
+use crate::support::{ProxyProcess, pattern, round_trip};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_carry_1_mib_each_way_and_100_sequential_connections() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+
+    let big = pattern(1 << 20, 7);
+    let back = round_trip(mesh.web_upstream, &big).await.unwrap();
+    assert_eq!(back.len(), big.len());
+    assert!(back == big, "1 MiB came back altered");
+
+    for i in 0..99u8 {
+        let data = pattern(4096 + usize::from(i), i);
+        let back = round_trip(mesh.web_upstream, &data).await.unwrap();
+        assert_eq!(back, data, "connection {i}");
+    }
+    assert_eq!(
+        mesh.echo.accepted(),
+        100,
+        "every connection reached the app exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_for_with_one_candidate_serves() {
+    let mesh = Mesh::new().await;
+    let addr = mesh.agent.addr();
+    let db = ProxyProcess::start(&["-http-addr", &addr, "-sidecar-for", "db"]).await;
+    let _web = ProxyProcess::start(&["-http-addr", &addr, "-sidecar-for", "web"]).await;
+    assert!(db.logs().contains("db-sidecar-proxy"));
+    let back = round_trip(mesh.web_upstream, b"via sidecar-for")
+        .await
+        .unwrap();
+    assert_eq!(back, b"via sidecar-for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_for_with_no_candidate_exits_non_zero() {
+    let mesh = Mesh::new().await;
+    let mut p = ProxyProcess::spawn(
+        &["-http-addr", &mesh.agent.addr(), "-sidecar-for", "cache"],
+        &[],
+    );
+    let status = p.wait_exit(crate::support::DEADLINE).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        p.logs()
+            .contains("no sidecar proxy is registered for service ID \"cache\""),
+        "{}",
+        p.logs()
+    );
+    assert!(!p.ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_for_with_two_candidates_names_both() {
+    let mesh = Mesh::new().await;
+    let mut second = crate::support::fake_agent::sidecar_json(
+        "db-sidecar-2",
+        "db",
+        1,
+        1,
+        vec![],
+        serde_json::json!({}),
+    );
+    second["Proxy"]["DestinationServiceID"] = "db".into();
+    mesh.agent.set_service(second);
+    let mut p = ProxyProcess::spawn(
+        &["-http-addr", &mesh.agent.addr(), "-sidecar-for", "db"],
+        &[],
+    );
+    let status = p.wait_exit(crate::support::DEADLINE).await;
+    assert_eq!(status.code(), Some(1));
+    let logs = p.logs();
+    assert!(logs.contains("more than one sidecar proxy"), "{logs}");
+    assert!(logs.contains("db-sidecar-2, db-sidecar-proxy"), "{logs}");
+}

@@ -1,0 +1,120 @@
+use std::sync::atomic::Ordering;
+
+use serde_json::json;
+
+use crate::support::fake_agent::health_entry;
+use crate::support::mesh::Mesh;
+use crate::support::pki::TestCa;
+use crate::support::tls_client::TlsEchoServer;
+use crate::support::{DEADLINE, ProxyProcess, closed_without_data, free_port, round_trip};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_presenting_another_service_is_refused_before_any_data() {
+    let mesh = Mesh::new().await;
+    let impostor = TlsEchoServer::start(&mesh.ca.leaf("cache", "dc1")).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", impostor.port, "dc1")]);
+    let web = mesh.start_web().await;
+    assert!(closed_without_data(mesh.web_upstream).await);
+    web.wait_log("server presented spiffe://").await;
+    web.wait_log(
+        "expected spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db",
+    )
+    .await;
+    assert!(
+        impostor.handshakes.load(Ordering::SeqCst) >= 1,
+        "the handshake happened"
+    );
+    assert_eq!(
+        impostor.bytes_received.load(Ordering::SeqCst),
+        0,
+        "no client byte reached the impostor"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_in_the_wrong_datacenter_is_refused() {
+    let mesh = Mesh::new().await;
+    let other_dc = TlsEchoServer::start(&mesh.ca.leaf("db", "dc2")).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", other_dc.port, "dc1")]);
+    let web = mesh.start_web().await;
+    assert!(closed_without_data(mesh.web_upstream).await);
+    web.wait_log("upstream identity check failed").await;
+    assert_eq!(other_dc.bytes_received.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_from_another_ca_is_refused() {
+    let mesh = Mesh::new().await;
+    let rogue = TestCa::new("99999999-2222-3333-4444-555555555555");
+    let fake_db = TlsEchoServer::start(&rogue.leaf("db", "dc1")).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", fake_db.port, "dc1")]);
+    let web = mesh.start_web().await;
+    assert!(closed_without_data(mesh.web_upstream).await);
+    web.wait_log("UnknownIssuer").await;
+    assert_eq!(fake_db.bytes_received.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_is_skipped_for_a_live_one() {
+    let mesh = Mesh::new().await;
+    let dead = free_port();
+    mesh.agent.set_health(
+        "db",
+        vec![
+            health_entry("db", dead, "dc1"),
+            health_entry("db", mesh.db_public, "dc1"),
+        ],
+    );
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    for i in 0..20u8 {
+        let back = round_trip(mesh.web_upstream, &[i; 32]).await.unwrap();
+        assert_eq!(
+            back,
+            vec![i; 32],
+            "connection {i} retried onto the live endpoint"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_endpoint_closes_the_local_connection() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_health("db", vec![]);
+    let web = mesh.start_web().await;
+    assert!(closed_without_data(mesh.web_upstream).await);
+    web.wait_log("no healthy endpoint").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_query_upstream_reaches_the_query_result() {
+    let mesh = Mesh::new().await;
+    let port = free_port();
+    let mut web = crate::support::fake_agent::sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        vec![
+            json!({"DestinationType": "prepared_query", "DestinationName": "db-query", "LocalBindPort": port}),
+        ],
+        json!({}),
+    );
+    web["Proxy"]["Upstreams"][0]["MeshGateway"] = json!({});
+    mesh.agent.set_service(web);
+    let mut node = health_entry("db", mesh.db_public, "dc1");
+    node["Service"]["Tags"] = serde_json::Value::Null;
+    mesh.agent.set_query("db-query", "db", vec![node]);
+    let _db = mesh.start_db().await;
+    let args = mesh.args("web-sidecar-proxy");
+    let _web = ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let back = tokio::time::timeout(DEADLINE, round_trip(port, b"via query"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"via query");
+    assert!(mesh.agent.count("GET /v1/query/db-query/execute") >= 1);
+}

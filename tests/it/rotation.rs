@@ -1,0 +1,85 @@
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::mesh::Mesh;
+use crate::support::pki::TestCa;
+use crate::support::tls_client::{self, serial_of, server_cert};
+use crate::support::{DEADLINE, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_leaf_is_used_by_new_handshakes_and_open_connections_survive() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+
+    let mut long_lived = tls_client::connect(mesh.db_public, Some(&web_leaf))
+        .await
+        .unwrap();
+    let old_serial = serial_of(&server_cert(&long_lived));
+    long_lived.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    long_lived.read_exact(&mut buf).await.unwrap();
+
+    let new_leaf = mesh.ca.leaf("db", "dc1");
+    assert_ne!(new_leaf.serial, old_serial);
+    mesh.agent.set_leaf("db", &new_leaf);
+    eventually(
+        "a new handshake presents the new leaf",
+        DEADLINE,
+        || async {
+            let s = tls_client::connect(mesh.db_public, Some(&web_leaf))
+                .await
+                .ok()?;
+            (serial_of(&server_cert(&s)) == new_leaf.serial).then_some(())
+        },
+    )
+    .await;
+
+    long_lived.write_all(b"after!").await.unwrap();
+    long_lived.read_exact(&mut buf).await.unwrap();
+    assert_eq!(
+        &buf, b"after!",
+        "the connection opened before rotation still carries data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_root_is_trusted_and_a_removed_one_is_not() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let ca2 = TestCa::new("11111111-2222-3333-4444-555555555555");
+    let old_client = mesh.ca.leaf("web", "dc1");
+    let new_client = ca2.leaf("web", "dc1");
+
+    let echoes = |leaf: crate::support::pki::TestLeaf| async move {
+        let mut s = tls_client::connect(mesh.db_public, Some(&leaf))
+            .await
+            .ok()?;
+        s.write_all(b"x").await.ok()?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+            .await
+            .ok()?
+            .ok()?;
+        Some(())
+    };
+    assert!(
+        echoes(new_client.clone()).await.is_none(),
+        "unknown root not trusted yet"
+    );
+
+    // Rotation: both roots trusted, the new one active.
+    mesh.agent.set_roots(TestCa::roots_json(&[&ca2, &mesh.ca]));
+    eventually("new root trusted", DEADLINE, || echoes(new_client.clone())).await;
+    assert!(
+        echoes(old_client.clone()).await.is_some(),
+        "old root still trusted during rotation"
+    );
+
+    // The old root is pruned: its leaves are refused for new connections.
+    mesh.agent.set_roots(TestCa::roots_json(&[&ca2]));
+    eventually("old root no longer trusted", DEADLINE, || {
+        let c = old_client.clone();
+        async move { echoes(c).await.is_none().then_some(()) }
+    })
+    .await;
+}

@@ -1,0 +1,79 @@
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::mesh::Mesh;
+use crate::support::{DEADLINE, ProxyProcess, eventually};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let mut web = mesh.start_web().await;
+    let mut open = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    open.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    open.read_exact(&mut b).await.unwrap();
+
+    web.signal("TERM");
+    web.wait_notify("STOPPING=1").await;
+    eventually("listener closed", DEADLINE, || async {
+        TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        web.is_running(),
+        "still draining while a connection is open"
+    );
+    open.write_all(b"b").await.unwrap();
+    open.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b", "the open connection is served during the drain");
+
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_cuts_connections_and_still_exits_0() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let args = mesh.args("web-sidecar-proxy");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["-drain-timeout", "500ms"]);
+    let mut web = ProxyProcess::start(&args).await;
+    let mut open = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    open.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    open.read_exact(&mut b).await.unwrap();
+
+    web.signal("TERM");
+    assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
+    assert!(web.logs().contains("drain deadline reached"));
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the held connection was closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_before_ready_exits_0() {
+    let mesh = Mesh::new().await;
+    let addr = mesh.agent.addr();
+    mesh.agent.stop();
+    let mut p = ProxyProcess::spawn(&["-http-addr", &addr, "-proxy-id", "db-sidecar-proxy"], &[]);
+    p.wait_log("waiting for the Consul agent").await;
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(0));
+}

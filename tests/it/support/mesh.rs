@@ -1,0 +1,92 @@
+//! The standard two-service topology on the fake agent: `web` with an upstream `db`, and `db`
+//! in front of an echo server; intentions allow web -> db.
+
+use serde_json::{Value, json};
+
+use super::fake_agent::{FakeAgent, health_entry, intention_json, sidecar_json, upstream_json};
+use super::pki::TestCa;
+use super::{EchoServer, ProxyProcess, free_port};
+
+pub struct Mesh {
+    pub agent: FakeAgent,
+    pub ca: TestCa,
+    pub echo: EchoServer,
+    /// db's public (mTLS) port.
+    pub db_public: u16,
+    /// web's local port for its `db` upstream.
+    pub web_upstream: u16,
+    /// web's public port (nothing behind it in these tests).
+    pub web_public: u16,
+}
+
+impl Mesh {
+    /// Sets up the fake agent; no proxy is started yet.
+    pub async fn new() -> Self {
+        Self::with_db_config(json!({})).await
+    }
+
+    /// As [`Mesh::new`], with `Proxy.Config` for db's sidecar.
+    pub async fn with_db_config(db_config: Value) -> Self {
+        let agent = FakeAgent::start().await;
+        let ca = TestCa::new("11111111-2222-3333-4444-555555555555");
+        let echo = EchoServer::start().await;
+        let (db_public, web_upstream, web_public) = (free_port(), free_port(), free_port());
+        agent.set_roots(TestCa::roots_json(&[&ca]));
+        agent.set_leaf("web", &ca.leaf("web", "dc1"));
+        agent.set_leaf("db", &ca.leaf("db", "dc1"));
+        agent.set_service(json!({"ID": "web", "Service": "web", "Port": 1, "Address": "", "Tags": [], "Meta": {}, "Datacenter": "dc1"}));
+        agent.set_service(json!({"ID": "db", "Service": "db", "Port": echo.port, "Address": "", "Tags": [], "Meta": {}, "Datacenter": "dc1"}));
+        agent.set_service(sidecar_json(
+            "web-sidecar-proxy",
+            "web",
+            web_public,
+            1,
+            vec![upstream_json("db", web_upstream)],
+            json!({}),
+        ));
+        agent.set_service(sidecar_json(
+            "db-sidecar-proxy",
+            "db",
+            db_public,
+            echo.port,
+            vec![],
+            db_config,
+        ));
+        agent.set_intentions("db", vec![intention_json("web", "db", "allow", 9)]);
+        agent.set_health("db", vec![health_entry("db", db_public, "dc1")]);
+        Mesh {
+            agent,
+            ca,
+            echo,
+            db_public,
+            web_upstream,
+            web_public,
+        }
+    }
+
+    /// `-http-addr` plus `-proxy-id <id>`.
+    pub fn args(&self, proxy_id: &str) -> Vec<String> {
+        vec![
+            "-http-addr".into(),
+            self.agent.addr(),
+            "-proxy-id".into(),
+            proxy_id.into(),
+        ]
+    }
+
+    pub async fn start_web(&self) -> ProxyProcess {
+        let args = self.args("web-sidecar-proxy");
+        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    pub async fn start_db(&self) -> ProxyProcess {
+        let args = self.args("db-sidecar-proxy");
+        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    pub async fn start_db_with(&self, extra: &[&str]) -> ProxyProcess {
+        let mut args = self.args("db-sidecar-proxy");
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+}

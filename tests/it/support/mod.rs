@@ -1,0 +1,300 @@
+//! Test support: the proxy as a child process (readiness through `NOTIFY_SOCKET`), echo
+//! servers, a raw mTLS client, deadlines. No sleeps: every wait is on a signal or a polled
+//! condition with a deadline.
+
+#![allow(dead_code)]
+
+pub mod fake_agent;
+pub mod mesh;
+pub mod pki;
+pub mod tls_client;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixDatagram};
+use tokio::process::{Child, Command};
+
+/// Generous deadline for anything that should happen "soon" on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A port that was free a moment ago (the agent registration must name it up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// The consul-proxy binary under test, running as a child process.
+pub struct ProxyProcess {
+    child: Child,
+    notify: UnixDatagram,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+    pub ready: bool,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy and waits for `READY=1`; panics with the log if it exits or times out.
+    pub async fn start(args: &[&str]) -> Self {
+        let mut p = Self::spawn(args, &[]);
+        p.wait_ready().await;
+        p
+    }
+
+    /// Starts the proxy without waiting.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock).unwrap();
+        let log_path = dir.path().join("proxy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-proxy"));
+        cmd.args(args)
+            .env("NOTIFY_SOCKET", &sock)
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("CONSUL_HTTP_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true);
+        if !args.iter().any(|a| a.contains("log-level")) {
+            cmd.args(["-log-level", "debug"]);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn consul-proxy");
+        ProxyProcess {
+            child,
+            notify,
+            log_path,
+            _dir: dir,
+            ready: false,
+        }
+    }
+
+    /// Waits for `READY=1` on the notify socket.
+    pub async fn wait_ready(&mut self) {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let mut buf = [0u8; 512];
+        loop {
+            tokio::select! {
+                r = self.notify.recv(&mut buf) => {
+                    let n = r.unwrap();
+                    if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1") {
+                        self.ready = true;
+                        return;
+                    }
+                }
+                status = self.child.wait() => {
+                    panic!("consul-proxy exited before ready ({:?}):\n{}", status, self.logs());
+                }
+                _ = tokio::time::sleep_until(end) => {
+                    panic!("consul-proxy not ready after {DEADLINE:?}:\n{}", self.logs());
+                }
+            }
+        }
+    }
+
+    /// Waits for a notify message (e.g. `STOPPING=1`).
+    pub async fn wait_notify(&mut self, state: &str) {
+        let mut buf = [0u8; 512];
+        let wait = async {
+            loop {
+                let n = self.notify.recv(&mut buf).await.unwrap();
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == state)
+                {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(DEADLINE, wait).await.is_err() {
+            panic!("no {state} from consul-proxy:\n{}", self.logs());
+        }
+    }
+
+    /// Sends a signal by PID.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running");
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Waits for the process to exit; panics after the deadline.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(deadline, self.child.wait()).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "consul-proxy still running after {deadline:?}:\n{}",
+                self.logs()
+            ),
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        let mut pause = Duration::from_millis(10);
+        while !self.logs().contains(needle) {
+            if tokio::time::Instant::now() >= end {
+                panic!(
+                    "no log line {needle:?} after {DEADLINE:?}; the log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A TCP echo server that counts the connections it accepted.
+pub struct EchoServer {
+    pub port: u16,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoServer {
+    /// Starts on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        EchoServer {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x & 0xff) as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through `port`, half-closes, and returns everything read back.
+pub async fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut r, mut w) = s.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, r.read_to_end(&mut back)).await;
+    writer.await.unwrap()?;
+    match read {
+        Ok(r) => r.map(|_| back),
+        Err(_) => Err(std::io::Error::other("round trip timed out")),
+    }
+}
+
+/// Connects to a plain port and reports whether the other side closed without sending data.
+pub async fn closed_without_data(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return true;
+    };
+    let _ = s.write_all(b"hello?").await;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(DEADLINE, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Sends `data` through `port` and reads the same number of bytes back, without half-closing
+/// (Consul's built-in proxy closes both directions on the first EOF).
+pub async fn exchange(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut r, mut w) = s.into_split();
+    let data_owned = data.to_vec();
+    let writer = tokio::spawn(async move { w.write_all(&data_owned).await.map(|_| w) });
+    let mut back = vec![0u8; data.len()];
+    let read = tokio::time::timeout(DEADLINE, r.read_exact(&mut back)).await;
+    let _w = writer.await.unwrap()?;
+    match read {
+        Ok(r) => r.map(|_| back),
+        Err(_) => Err(std::io::Error::other("exchange timed out")),
+    }
+}
