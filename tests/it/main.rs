@@ -18,3 +18,5 @@ mod agent_faults;
 mod shutdown;
 // The fake agent's JSON against responses recorded from a real agent.
 mod fixtures;
+// Against a real Consul agent, including interop with `consul connect proxy`.
+mod real_consul;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod consul;
 pub mod fake_agent;
 pub mod mesh;
 pub mod pki;

@@ -1,0 +1,442 @@
+//! Against a real Consul agent (see `support::consul`): registration through the agent API,
+//! both ways of naming the proxy, intentions with and without ACLs, CA rotation under load,
+//! interop with `consul connect proxy` in both directions, and an agent restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::consul::{BuiltinProxy, ConsulAgent, Mode, service_with_sidecar, upstream};
+use crate::support::pki::TestLeaf;
+use crate::support::{
+    DEADLINE, EchoServer, ProxyProcess, eventually, exchange, free_port, pattern, round_trip,
+};
+
+/// web (upstream db) and db (in front of an echo server), registered on a real agent.
+struct RealMesh {
+    agent: ConsulAgent,
+    echo: EchoServer,
+    web_upstream: u16,
+    db_public: u16,
+    web_public: u16,
+}
+
+impl RealMesh {
+    async fn start(mode: Mode) -> Option<Self> {
+        let agent = ConsulAgent::start(mode).await?;
+        let echo = EchoServer::start().await;
+        let (web_upstream, db_public, web_public) = (free_port(), free_port(), free_port());
+        agent
+            .register(service_with_sidecar(
+                "web",
+                free_port(),
+                web_public,
+                vec![upstream("db", web_upstream)],
+            ))
+            .await;
+        agent
+            .register(service_with_sidecar("db", echo.port, db_public, vec![]))
+            .await;
+        Some(RealMesh {
+            agent,
+            echo,
+            web_upstream,
+            db_public,
+            web_public,
+        })
+    }
+
+    fn proxy_args<'a>(&'a self, how: &'a str, id: &'a str, token: Option<&'a str>) -> Vec<String> {
+        let mut args = vec![
+            "-http-addr".to_owned(),
+            self.agent.addr(),
+            how.to_owned(),
+            id.to_owned(),
+        ];
+        if let Some(t) = token {
+            args.extend(["-token".to_owned(), t.to_owned()]);
+        }
+        args
+    }
+
+    async fn proxy(&self, how: &str, id: &str, token: Option<&str>) -> ProxyProcess {
+        let args = self.proxy_args(how, id, token);
+        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    /// A leaf for `service` issued by the agent, usable as a test client certificate.
+    async fn agent_leaf(&self, service: &str) -> TestLeaf {
+        let leaf = self
+            .agent
+            .get(&format!("/v1/agent/connect/ca/leaf/{service}"))
+            .await;
+        TestLeaf {
+            cert_pem: leaf["CertPEM"].as_str().unwrap().to_owned(),
+            key_pem: leaf["PrivateKeyPEM"].as_str().unwrap().to_owned(),
+            uri: leaf["ServiceURI"].as_str().unwrap().to_owned(),
+            serial: leaf["SerialNumber"].as_str().unwrap().to_owned(),
+            service: service.to_owned(),
+        }
+    }
+}
+
+async fn echoes(port: u16, data: &[u8]) -> bool {
+    matches!(round_trip(port, data).await, Ok(back) if back == data)
+}
+
+/// As [`echoes`], without a half-close: for paths through Consul's built-in proxy, which
+/// closes both directions on the first EOF.
+async fn exchanges(port: u16, data: &[u8]) -> bool {
+    matches!(exchange(port, data).await, Ok(back) if back == data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_id_and_sidecar_for_carry_traffic_through_a_real_agent() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let _db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _web = mesh.proxy("-sidecar-for", "web", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    let data = pattern(256 * 1024, 3);
+    eventually("round trip through both proxies", DEADLINE, || async {
+        echoes(mesh.web_upstream, &data).await.then_some(())
+    })
+    .await;
+    for i in 0..20u8 {
+        assert!(
+            echoes(mesh.web_upstream, &[i; 1000]).await,
+            "connection {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intentions_deny_and_allow_on_a_real_agent() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "deny").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    assert!(!echoes(mesh.web_upstream, b"denied?").await);
+    db.wait_log("connection denied").await;
+    assert_eq!(
+        mesh.echo.accepted(),
+        0,
+        "a denied caller never reaches the app"
+    );
+
+    mesh.agent.intention("web", "db", "allow").await;
+    eventually("allow applies", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"allowed").await.then_some(())
+    })
+    .await;
+    mesh.agent.intention("web", "db", "deny").await;
+    eventually("deny applies to new connections", DEADLINE, || async {
+        (!echoes(mesh.web_upstream, b"x").await).then_some(())
+    })
+    .await;
+}
+
+/// The least-privilege ACL policy for a sidecar of `service` with the given upstreams. Kept in
+/// the README: change both together.
+fn proxy_policy(service: &str, upstreams: &[&str]) -> String {
+    let mut rules = format!(
+        "service \"{service}\" {{ policy = \"write\" }}\nservice \"{service}-sidecar-proxy\" {{ policy = \"read\" }}\n"
+    );
+    for u in upstreams {
+        rules.push_str(&format!(
+            "service \"{u}\" {{ policy = \"read\" }}\nservice \"{u}-sidecar-proxy\" {{ policy = \"read\" }}\n"
+        ));
+    }
+    rules.push_str("node_prefix \"\" { policy = \"read\" }\n");
+    rules
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_default_deny_with_least_privilege_proxy_tokens() {
+    let Some(mesh) = RealMesh::start(Mode::DevAcl).await else {
+        return;
+    };
+    let db_token = mesh
+        .agent
+        .token_with_rules("db-proxy", &proxy_policy("db", &[]))
+        .await;
+    let web_token = mesh
+        .agent
+        .token_with_rules("web-proxy", &proxy_policy("web", &["db"]))
+        .await;
+    let db = mesh
+        .proxy("-proxy-id", "db-sidecar-proxy", Some(&db_token))
+        .await;
+    let _web = mesh.proxy("-sidecar-for", "web", Some(&web_token)).await;
+    mesh.agent.wait_passing("db", 1).await;
+    db.wait_log("learned the agent's default intention policy policy=Deny")
+        .await;
+
+    assert!(
+        !echoes(mesh.web_upstream, b"no intention").await,
+        "ACL default deny applies"
+    );
+    db.wait_log("default policy deny").await;
+    assert_eq!(mesh.echo.accepted(), 0);
+
+    mesh.agent.intention("web", "db", "allow").await;
+    eventually("allow intention lets web in", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"allowed").await.then_some(())
+    })
+    .await;
+    for log in [db.logs(), _web.logs()] {
+        assert!(
+            !log.contains(&db_token) && !log.contains(&web_token),
+            "a token leaked into the logs"
+        );
+        assert!(
+            !log.contains("permission denied"),
+            "a least-privilege token was refused:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_keeps_streams_and_new_connections_use_the_new_root() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("mesh up", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"up").await.then_some(())
+    })
+    .await;
+
+    // A long-lived connection that keeps exchanging data for the whole rotation.
+    let stream = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let streamer = tokio::spawn(stream_until(stream, stop.clone(), exchanges.clone()));
+
+    let old_root = active_root(&mesh.agent).await;
+    let mut ca = mesh.agent.get("/v1/connect/ca/configuration").await;
+    ca["Config"]["PrivateKeyType"] = "ec".into();
+    ca["Config"]["PrivateKeyBits"] = 384.into();
+    mesh.agent
+        .send(
+            reqwest::Method::PUT,
+            "/v1/connect/ca/configuration",
+            Some(ca),
+        )
+        .await;
+    let new_root = active_root(&mesh.agent).await;
+    assert_ne!(new_root, old_root, "the CA rotated");
+
+    // The agent re-issues leaves within 30 s of a root change (Consul's jitter window).
+    let client = mesh.agent_leaf("web").await;
+    eventually(
+        "db presents a leaf from the new root",
+        Duration::from_secs(90),
+        || async {
+            let s = crate::support::tls_client::connect(mesh.db_public, Some(&client))
+                .await
+                .ok()?;
+            let chain: Vec<_> = s
+                .get_ref()
+                .1
+                .peer_certificates()?
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect();
+            chains_to(&chain, &new_root).then_some(())
+        },
+    )
+    .await;
+    eventually("new connections through the mesh", DEADLINE, || async {
+        echoes(mesh.web_upstream, &pattern(64 * 1024, 9))
+            .await
+            .then_some(())
+    })
+    .await;
+
+    let before = exchanges.load(Ordering::SeqCst);
+    eventually(
+        "the old stream still flows after rotation",
+        DEADLINE,
+        || async { (exchanges.load(Ordering::SeqCst) > before + 10).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let total = streamer
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("stream broke: {e}\n{}", db.logs()));
+    assert!(total > 10);
+}
+
+/// Ping-pongs 4 KiB chunks until `stop`; any error or corruption ends it with an error.
+async fn stream_until(
+    mut s: TcpStream,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; 4096];
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let chunk = pattern(4096, (n % 251) as u8);
+        s.write_all(&chunk)
+            .await
+            .map_err(|e| format!("write {n}: {e}"))?;
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+            .await
+            .map_err(|_| format!("read {n}: timed out"))?
+            .map_err(|e| format!("read {n}: {e}"))?;
+        if buf != chunk {
+            return Err(format!("chunk {n} corrupted"));
+        }
+        n += 1;
+        count.store(n, Ordering::SeqCst);
+    }
+    Ok(n)
+}
+
+async fn active_root(agent: &ConsulAgent) -> String {
+    let roots = agent.get("/v1/agent/connect/ca/roots").await;
+    let active = roots["ActiveRootID"].as_str().unwrap().to_owned();
+    roots["Roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ID"] == active.as_str())
+        .unwrap()["RootCert"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Whether `chain` (leaf first) verifies against `root_pem` alone.
+fn chains_to(chain: &[rustls::pki_types::CertificateDer<'static>], root_pem: &str) -> bool {
+    let root = consul_proxy::tls::first_cert(root_pem).unwrap();
+    let anchor = webpki::anchor_from_trusted_cert(&root).unwrap().to_owned();
+    let Ok(leaf) = webpki::EndEntityCert::try_from(&chain[0]) else {
+        return false;
+    };
+    let provider = rustls::crypto::ring::default_provider();
+    leaf.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        &[anchor],
+        &chain[1..],
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_upstream_dials_the_builtin_proxy_inbound() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let builtin_db = BuiltinProxy::start(&mesh.agent, "db", None, mesh.db_public).await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("consul-proxy -> consul connect proxy", DEADLINE, || async {
+        exchanges(mesh.web_upstream, &pattern(100_000, 1))
+            .await
+            .then_some(())
+    })
+    .await;
+
+    mesh.agent.intention("web", "db", "deny").await;
+    eventually(
+        "the built-in proxy refuses us once denied",
+        DEADLINE,
+        || async { (!exchanges(mesh.web_upstream, b"x").await).then_some(()) },
+    )
+    .await;
+    drop(builtin_db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_proxy_upstream_dials_our_inbound() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _builtin_web = BuiltinProxy::start(&mesh.agent, "web", None, mesh.web_upstream).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("consul connect proxy -> consul-proxy", DEADLINE, || async {
+        exchanges(mesh.web_upstream, &pattern(100_000, 2))
+            .await
+            .then_some(())
+    })
+    .await;
+    assert!(
+        db.logs().contains("connection authorized"),
+        "we saw the built-in proxy's identity"
+    );
+
+    mesh.agent.intention("web", "db", "deny").await;
+    eventually(
+        "we refuse the built-in proxy once denied",
+        DEADLINE,
+        || async { (!exchanges(mesh.web_upstream, b"x").await).then_some(()) },
+    )
+    .await;
+    db.wait_log("connection denied").await;
+    let _ = mesh.web_public;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_keeps_serving_and_later_changes_apply() {
+    let Some(mut mesh) = RealMesh::start(Mode::Server).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("mesh up", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"up").await.then_some(())
+    })
+    .await;
+
+    mesh.agent.kill().await;
+    web.wait_log("agent watch failing").await;
+    for i in 0..5u8 {
+        assert!(
+            echoes(mesh.web_upstream, &[i; 512]).await,
+            "served from the last good state while the agent is down"
+        );
+    }
+
+    mesh.agent.restart().await;
+    db.wait_log("agent watch recovered").await;
+    web.wait_log("agent watch recovered").await;
+    // The restarted agent re-runs the sidecar check before db is passing again.
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("mesh up after the restart", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"again").await.then_some(())
+    })
+    .await;
+    mesh.agent.intention("web", "db", "deny").await;
+    eventually(
+        "a change made after the restart applies",
+        Duration::from_secs(60),
+        || async { (!echoes(mesh.web_upstream, b"x").await).then_some(()) },
+    )
+    .await;
+    db.wait_log("connection denied").await;
+}
