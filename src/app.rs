@@ -1,23 +1,28 @@
-//! The proxy's lifecycle: find our registration, start the watches, wait for certificates and
-//! intentions, bind every listener (or fail), report ready, serve, and drain on shutdown.
+//! The proxy's lifecycle: find our registration, start the watches, wait for certificates,
+//! intentions and endpoints, bind every listener (or fail), report ready, serve while
+//! following configuration changes and enforcing intentions on live connections, and drain on
+//! shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, AdminState};
 use crate::authorizer::Authorizer;
 use crate::config::{Config, Target};
+use crate::conns::Registry;
 use crate::consul::watch::{Subscriber, WatchSettings, backoff};
 use crate::consul::{ConsulClient, ConsulError};
 use crate::discovery::{SidecarError, select_sidecar};
-use crate::inbound::{self, InboundContext};
-use crate::net::{self, Listener};
-use crate::outbound::{self, UpstreamContext};
+use crate::enforce::Enforcer;
+use crate::metrics::Metrics;
 use crate::proxy_config::{BindAddr, ProxyConfig};
+use crate::reconcile::{Listeners, Shared};
 use crate::{notify, watchers};
 
 /// Why the proxy stopped with an error.
@@ -78,9 +83,9 @@ pub async fn run(
 
 /// A started proxy: listeners bound and serving.
 struct Started {
-    stop_accepting: CancellationToken,
-    kill_connections: CancellationToken,
-    tracker: TaskTracker,
+    listeners: Arc<tokio::sync::Mutex<Listeners>>,
+    shared: Arc<Shared>,
+    admin: Option<Arc<AdminState>>,
 }
 
 async fn start(
@@ -106,7 +111,8 @@ async fn start(
                 ConsulError::NotFound { .. } => AppError::UnknownProxy(proxy_id.clone()),
                 other => AppError::Consul(other),
             })?;
-    let converted = ProxyConfig::from_api(&svc).map_err(AppError::Registration)?;
+    let converted =
+        ProxyConfig::from_api(&svc, &config.defaults).map_err(AppError::Registration)?;
     for note in &converted.notes {
         tracing::info!(%note, "proxy configuration");
     }
@@ -136,6 +142,7 @@ async fn start(
         client.clone(),
         proxy_id.clone(),
         (proxy.clone(), hash),
+        config.defaults,
         settings.clone(),
         background.clone(),
     );
@@ -145,16 +152,21 @@ async fn start(
         proxy.service.clone(),
         proxy.datacenter.clone(),
         intentions.clone(),
-        roots,
+        roots.clone(),
     );
     authorizer.spawn_default_prober(background.clone());
-
     // Discovery for every upstream starts now, so that listeners open with endpoints known.
+    let endpoints_cancel = background.child_token();
     let endpoints: Vec<_> = proxy
         .upstreams
         .iter()
         .map(|spec| {
-            watchers::spawn_endpoints(client.clone(), spec, settings.clone(), background.clone())
+            watchers::spawn_endpoints(
+                client.clone(),
+                spec,
+                settings.clone(),
+                endpoints_cancel.clone(),
+            )
         })
         .collect();
 
@@ -165,68 +177,67 @@ async fn start(
         wait_ready(e).await;
     }
 
-    // Bind everything before serving anything: a partly bound proxy is not started.
-    let mut bound = Vec::new();
-    if let Some(public) = &proxy.public {
-        let addr = BindAddr::Tcp(public.bind);
-        bound.push((None, bind(&addr).await?));
-    }
-    for (i, up) in proxy.upstreams.iter().enumerate() {
-        bound.push((Some(i), bind(&up.bind).await?));
-    }
+    let registry = Registry::new();
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        watch: settings,
+        tls,
+        authorizer: authorizer.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        trust_domain: config.trust_domain,
+        drain_timeout: config.drain_timeout,
+        tracker: TaskTracker::new(),
+        kill_all: CancellationToken::new(),
+        background: background.clone(),
+    });
+    let mut listeners = Listeners::new(shared.clone());
+    listeners.start(&proxy, endpoints, endpoints_cancel).await?;
+    let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
 
-    let stop_accepting = CancellationToken::new();
-    let kill_connections = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    for (which, listener) in bound {
-        let addr = listener.local_addr();
-        match which {
-            None => {
-                // Invariant: a `None` entry is only pushed when `proxy.public` is set.
-                let public = proxy.public.clone().expect("public listener config");
-                tracing::info!(%addr, app = %public.local_app, "public listener ready");
-                let ctx = Arc::new(InboundContext {
-                    settings: watch::channel(Arc::new(public)).1,
-                    tls: tls.clone(),
-                    authorizer: authorizer.clone(),
-                    trust_domain: config.trust_domain,
-                });
-                spawn_listener(
-                    listener,
-                    "inbound",
-                    &stop_accepting,
-                    &tracker,
-                    &kill_connections,
-                    move |s, kill| inbound::serve_conn(s, ctx.clone(), kill),
-                );
-            }
-            Some(i) => {
-                let spec = proxy.upstreams[i].clone();
-                tracing::info!(%addr, upstream = %spec.destination, "upstream listener ready");
-                let ctx = Arc::new(UpstreamContext {
-                    spec,
-                    endpoints: endpoints[i].clone(),
-                    tls: tls.clone(),
-                    trust_domain: config.trust_domain,
-                });
-                spawn_listener(
-                    listener,
-                    "upstream",
-                    &stop_accepting,
-                    &tracker,
-                    &kill_connections,
-                    move |s, kill| outbound::serve_conn(s, ctx.clone(), kill),
-                );
-            }
-        }
+    let (interval_tx, interval_rx) = watch::channel(proxy.reauthorize_interval);
+    Enforcer {
+        registry: registry.clone(),
+        authorizer,
+        service: proxy.service.clone(),
+        roots,
+        interval: interval_rx,
+        metrics: metrics.clone(),
     }
-    spawn_config_change_notice(config_rx, proxy, background.clone());
+    .spawn(background.clone());
+    spawn_reconciler(
+        config_rx,
+        listeners.clone(),
+        interval_tx,
+        background.clone(),
+    );
+
+    let admin = match config.admin_addr {
+        Some(addr) => {
+            let state = Arc::new(AdminState {
+                registry,
+                metrics,
+                ready: true.into(),
+                service: proxy.service.clone(),
+            });
+            let local = admin::spawn(addr, state.clone(), background.clone())
+                .await
+                .map_err(|source| AppError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(addr = %local, "admin endpoint ready");
+            Some(state)
+        }
+        None => None,
+    };
     notify::ready();
     tracing::info!("proxy ready");
     Ok(Started {
-        stop_accepting,
-        kill_connections,
-        tracker,
+        listeners,
+        shared,
+        admin,
     })
 }
 
@@ -234,77 +245,51 @@ impl Started {
     /// Stops accepting, lets open connections finish for up to `deadline`, then cuts the rest.
     async fn drain(self, deadline: Duration) {
         notify::stopping();
-        self.stop_accepting.cancel();
-        self.tracker.close();
-        // The accept loops are tracked too; subtract them from the count of open connections.
-        tracing::info!(deadline = ?deadline, "draining open connections");
-        if tokio::time::timeout(deadline, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = self.tracker.len(),
-                "drain deadline reached; closing the remaining connections"
-            );
-            self.kill_connections.cancel();
-            self.tracker.wait().await;
+        if let Some(admin) = &self.admin {
+            admin.ready.store(false, Ordering::Relaxed);
         }
+        self.listeners.lock().await.stop_accepting();
+        // Each listener drains its own connections for `deadline`, then cuts the rest.
+        let tracker = &self.shared.tracker;
+        tracker.close();
+        tracing::info!(deadline = ?deadline, open = self.shared.registry.len(), "draining open connections");
+        tracker.wait().await;
         tracing::info!("proxy stopped");
     }
 }
 
-fn spawn_listener<F, Fut>(
-    listener: Listener,
-    kind: &'static str,
-    stop: &CancellationToken,
-    tracker: &TaskTracker,
-    kill: &CancellationToken,
-    handle: F,
-) where
-    F: Fn(net::Stream, CancellationToken) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let kill = kill.clone();
-    tracker.spawn(net::accept_loop(
-        listener,
-        kind,
-        stop.clone(),
-        tracker.clone(),
-        move |s| handle(s, kill.clone()),
-    ));
-}
-
-async fn bind(addr: &BindAddr) -> Result<Listener, AppError> {
-    Listener::bind(addr).await.map_err(|source| AppError::Bind {
-        addr: addr.to_string(),
-        source,
-    })
+/// Applies every change of the registration to the running listeners and limits.
+fn spawn_reconciler(
+    mut config: Subscriber<ProxyConfig>,
+    listeners: Arc<tokio::sync::Mutex<Listeners>>,
+    interval: watch::Sender<Option<Duration>>,
+    cancel: CancellationToken,
+) {
+    config.borrow_and_update();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = config.changed() => if r.is_err() { return },
+            }
+            let Some(desired) = config.borrow_and_update().clone() else {
+                continue;
+            };
+            tracing::info!("the proxy registration changed; reconciling");
+            listeners.lock().await.apply(&desired).await;
+            interval.send_if_modified(|current| {
+                let changed = *current != desired.reauthorize_interval;
+                *current = desired.reauthorize_interval;
+                changed
+            });
+        }
+    });
 }
 
 async fn wait_ready<T>(rx: &Subscriber<T>) {
     let mut rx = rx.clone();
     // Err only when the sender is gone, i.e. we are shutting down.
     let _ = rx.wait_for(Option::is_some).await;
-}
-
-/// Until live reconfiguration lands, say clearly that a changed registration needs a restart.
-fn spawn_config_change_notice(
-    mut rx: Subscriber<ProxyConfig>,
-    running: ProxyConfig,
-    cancel: CancellationToken,
-) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-            let latest = rx.borrow_and_update().clone();
-            if latest.as_deref().is_some_and(|c| *c != running) {
-                tracing::warn!("the proxy registration changed; restart consul-proxy to apply it");
-            }
-        }
-    });
 }
 
 /// Calls `f` until the agent answers something other than "unavailable": unreachable, 5xx,
@@ -350,5 +335,15 @@ fn is_unavailable(e: &ConsulError) -> bool {
         ConsulError::Unreachable { .. } | ConsulError::Protocol { .. } => true,
         ConsulError::Status { status, .. } => *status >= 500 || *status == 429,
         _ => false,
+    }
+}
+
+/// The address a bind error names.
+impl From<(BindAddr, std::io::Error)> for AppError {
+    fn from((addr, source): (BindAddr, std::io::Error)) -> Self {
+        AppError::Bind {
+            addr: addr.to_string(),
+            source,
+        }
     }
 }

@@ -101,6 +101,11 @@ impl Authorizer {
         *self.inner.default.borrow()
     }
 
+    /// Subscribes to changes of the intentions snapshot.
+    pub fn subscribe_intentions(&self) -> Subscriber<Intentions> {
+        self.inner.intentions.clone()
+    }
+
     /// Subscribes to changes of the learned default policy.
     pub fn subscribe_default(&self) -> watch::Receiver<Option<DefaultPolicy>> {
         self.inner.default.subscribe()

@@ -95,9 +95,33 @@ pub struct Args {
     )]
     pub spiffe_validation: String,
 
-    /// On SIGTERM/SIGINT, how long open connections may drain before they are cut.
+    /// On SIGTERM/SIGINT (and for a listener removed from the registration), how long open
+    /// connections may drain before they are cut.
     #[arg(long = "drain-timeout", value_name = "DURATION", default_value = "30s")]
     pub drain_timeout: String,
+
+    /// Also re-check every live inbound connection on this interval (0 = only when
+    /// intentions, the default policy or the roots change). `Proxy.Config.reauthorize_interval_ms`
+    /// overrides it.
+    #[arg(
+        long = "reauthorize-interval",
+        value_name = "DURATION",
+        default_value = "0"
+    )]
+    pub reauthorize_interval: String,
+
+    /// Close inbound connections after this long, minus up to 10% jitter (0 = never).
+    /// `Proxy.Config.max_conn_lifetime_ms` overrides it.
+    #[arg(
+        long = "max-conn-lifetime",
+        value_name = "DURATION",
+        default_value = "0"
+    )]
+    pub max_conn_lifetime: String,
+
+    /// Serve /ready, /metrics and /status on this address (plain HTTP; keep it on loopback).
+    #[arg(long = "admin-addr", value_name = "HOST:PORT")]
+    pub admin_addr: Option<String>,
 }
 
 impl Args {

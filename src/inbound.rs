@@ -1,16 +1,21 @@
 //! The public (mTLS) side: handshake under a timeout, the caller's identity from its verified
-//! certificate, authorization, and only then a dial to the local app and the splice.
+//! certificate, authorization, and only then a dial to the local app and the splice. Every
+//! forwarded connection is listed in the registry so that it can be re-checked and closed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use rustls::pki_types::UnixTime;
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
+use crate::conns::{Counted, Direction, NewConn, Registry};
 use crate::consul::watch::Subscriber;
 use crate::forward;
+use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
@@ -26,6 +31,10 @@ pub struct InboundContext {
     pub authorizer: Authorizer,
     /// Trust-domain policy for callers.
     pub trust_domain: TrustDomainPolicy,
+    /// Live connections.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Handles one accepted connection; `kill` cuts it (shutdown after the drain deadline).
@@ -40,7 +49,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         _ = kill.cancelled() => return,
         r = timeout(settings.handshake_timeout, acceptor.accept(stream)) => r,
     };
-    let mut tls_stream = match handshake {
+    let tls_stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
             // Closed before finishing a handshake: typically a TCP health check.
@@ -49,27 +58,34 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         }
         Ok(Err(error)) => {
             tracing::info!(%error, "TLS handshake failed");
+            ctx.metrics.inbound_handshake_failed.inc();
             return;
         }
         Err(_) => {
             tracing::info!(timeout = ?settings.handshake_timeout, "TLS handshake timed out");
+            ctx.metrics.inbound_handshake_failed.inc();
             return;
         }
     };
+    let verified_at = UnixTime::now();
 
-    let identity = {
-        let (_, conn) = tls_stream.get_ref();
-        match conn.peer_certificates().and_then(|c| c.first()) {
-            Some(cert) => peer::identity(cert).and_then(|p| {
-                peer::check_trust_domain(&p.id, &tls.bundle, ctx.trust_domain).map(|()| p)
-            }),
-            None => Err(peer::IdentityError::NoCertificate),
-        }
+    let chain: Vec<_> = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let identity = match chain.first() {
+        Some(cert) => peer::identity(cert).and_then(|p| {
+            peer::check_trust_domain(&p.id, &tls.bundle, ctx.trust_domain).map(|()| p)
+        }),
+        None => Err(peer::IdentityError::NoCertificate),
     };
     let peer = match identity {
         Ok(p) => p,
         Err(error) => {
             tracing::info!(%error, "caller identity rejected");
+            ctx.metrics.inbound_identity_rejected.inc();
             return;
         }
     };
@@ -78,6 +94,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     let decision = ctx.authorizer.authorize(&peer).await;
     if !decision.is_allow() {
         tracing::info!(source = %peer.id, reason = %decision.reason, "connection denied");
+        ctx.metrics.inbound_denied.inc();
         return;
     }
     tracing::debug!(source = %peer.id, reason = %decision.reason, "connection authorized");
@@ -86,23 +103,73 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         settings.local_connect_timeout,
         net::connect_local(&settings.local_app),
     );
-    let mut app = match dial.await {
+    let app = match dial.await {
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
             tracing::warn!(app = %settings.local_app, %error, "cannot reach the local app");
+            ctx.metrics.inbound_app_unreachable.inc();
             return;
         }
         Err(_) => {
             tracing::warn!(app = %settings.local_app, timeout = ?settings.local_connect_timeout, "local app dial timed out");
+            ctx.metrics.inbound_app_unreachable.inc();
             return;
         }
     };
+    ctx.metrics.inbound_authorized.inc();
 
+    let registration = ctx.registry.register(NewConn {
+        source: peer.id,
+        serial: peer.serial,
+        chain,
+        verified_at,
+    });
+    let conn = registration.conn().clone();
+    let mut caller = Counted::new(tls_stream, conn.clone(), Direction::In);
+    let mut app = Counted::new(app, conn.clone(), Direction::Out);
+    let lifetime = settings.max_conn_lifetime.map(jittered);
+    let expire = async {
+        match lifetime {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
-        r = forward::splice(&mut tls_stream, &mut app) => match r {
+        _ = conn.closed() => {
+            tracing::info!(reason = conn.close_reason().unwrap_or("closed"), "connection closed by the proxy");
+        }
+        _ = expire => {
+            tracing::info!(lifetime = ?lifetime, "connection reached its maximum lifetime; closing");
+            ctx.metrics.closed_lifetime.inc();
+        }
+        r = forward::splice(&mut caller, &mut app) => match r {
             Ok(t) => tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed"),
             Err(error) => tracing::debug!(%error, "connection ended with an error"),
         },
+    }
+}
+
+/// A lifetime shortened by a random 0-10%, so that a pool opened at once does not reconnect at
+/// once.
+pub fn jittered(lifetime: Duration) -> Duration {
+    lifetime.mul_f64(1.0 - 0.1 * rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_jitter_stays_within_ten_percent_below() {
+        let base = Duration::from_secs(3600);
+        let samples: Vec<Duration> = (0..1000).map(|_| jittered(base)).collect();
+        assert!(
+            samples
+                .iter()
+                .all(|d| *d <= base && *d >= base.mul_f64(0.9))
+        );
+        let distinct: std::collections::BTreeSet<_> = samples.iter().collect();
+        assert!(distinct.len() > 900, "jitter spreads the deadlines");
     }
 }

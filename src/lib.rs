@@ -17,6 +17,10 @@
 //! inbound          mTLS accept -> identity -> authorize -> dial app -> splice
 //! outbound         local accept -> pick endpoint -> mTLS dial -> verify server -> splice
 //! forward          the byte splice with half-close
+//! conns            registry of live inbound connections (identity, bytes, close handle)
+//! enforce          re-checks live connections when intentions, default or roots change
+//! reconcile        desired listeners vs running ones: start, update, retire
+//! metrics, admin   counters; /ready, /metrics, /status
 //! net              local TCP/unix sockets, the accept loop
 //! notify, signal, telemetry   systemd readiness, signals, logging
 //! ```
@@ -25,20 +29,25 @@
 //! task under its own timeout; decisions are pure functions over snapshots; connections clone
 //! `Arc`s, never configs; one cancellation token and one task tracker drive shutdown.
 
+pub mod admin;
 pub mod app;
 pub mod authorizer;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod consul;
 pub mod discovery;
 pub mod endpoints;
+pub mod enforce;
 pub mod forward;
 pub mod inbound;
+pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod outbound;
 pub mod proxy_config;
+pub mod reconcile;
 pub mod signal;
 pub mod spiffe;
 pub mod telemetry;

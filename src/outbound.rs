@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -14,21 +15,30 @@ use tokio_util::sync::CancellationToken;
 use crate::consul::watch::Subscriber;
 use crate::endpoints::{self, Endpoint, Endpoints};
 use crate::forward;
+use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
 use crate::spiffe::TrustDomainPolicy;
 use crate::tls::{TlsConfigs, peer};
 
-/// What every connection of one upstream listener shares.
-pub struct UpstreamContext {
+/// What an upstream listener currently points at; replaced as a whole on reconfiguration.
+pub struct UpstreamTarget {
     /// The upstream.
     pub spec: UpstreamSpec,
     /// Its endpoints (`None` until the first answer).
     pub endpoints: Subscriber<Endpoints>,
+}
+
+/// What every connection of one upstream listener shares.
+pub struct UpstreamContext {
+    /// The current target; new connections use the newest.
+    pub target: watch::Receiver<Arc<UpstreamTarget>>,
     /// The current TLS configs.
     pub tls: Subscriber<TlsConfigs>,
     /// Trust-domain policy for servers.
     pub trust_domain: TrustDomainPolicy,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why one attempt failed.
@@ -48,8 +58,9 @@ enum AttemptError {
 
 /// Handles one local connection; `kill` cuts it (shutdown after the drain deadline).
 pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: CancellationToken) {
-    let spec = &ctx.spec;
-    let mut endpoints_rx = ctx.endpoints.clone();
+    let target = ctx.target.borrow().clone();
+    let spec = &target.spec;
+    let mut endpoints_rx = target.endpoints.clone();
     // The first discovery answer may still be on its way: wait for it within the budget.
     let endpoints =
         match timeout(spec.connect_timeout, endpoints_rx.wait_for(Option::is_some)).await {
@@ -58,6 +69,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         };
     let Some(endpoints) = endpoints else {
         tracing::warn!(upstream = %spec.destination, "no endpoints known yet; closing");
+        ctx.metrics.upstream_failed.inc();
         return;
     };
     let Some(tls) = ctx.tls.borrow().clone() else {
@@ -66,6 +78,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     };
     if endpoints.list.is_empty() {
         tracing::warn!(upstream = %spec.destination, "no healthy endpoint; closing");
+        ctx.metrics.upstream_failed.inc();
         return;
     }
     let order = endpoints::attempt_order(endpoints.list.len(), &mut rand::rng());
@@ -74,7 +87,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         let ep = &endpoints.list[i];
         let attempt = tokio::select! {
             _ = kill.cancelled() => return,
-            r = attempt(ep, &tls, &ctx) => r,
+            r = attempt(ep, &tls, spec, ctx.trust_domain) => r,
         };
         match attempt {
             Ok(s) => {
@@ -83,6 +96,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
             }
             Err(error @ (AttemptError::Identity(_) | AttemptError::Mismatch { .. })) => {
                 tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "upstream identity check failed");
+                ctx.metrics.upstream_identity_mismatch.inc();
             }
             Err(error) => {
                 tracing::info!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "upstream attempt failed");
@@ -91,8 +105,10 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     }
     let Some((mut remote, ep)) = remote else {
         tracing::warn!(upstream = %spec.destination, "every attempt failed; closing");
+        ctx.metrics.upstream_failed.inc();
         return;
     };
+    ctx.metrics.upstream_connected.inc();
     tracing::debug!(endpoint = %ep.authority(), "upstream connected");
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
@@ -107,9 +123,10 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
 async fn attempt(
     ep: &Endpoint,
     tls: &TlsConfigs,
-    ctx: &UpstreamContext,
+    spec: &UpstreamSpec,
+    policy: TrustDomainPolicy,
 ) -> Result<TlsStream<TcpStream>, AttemptError> {
-    let budget = ctx.spec.connect_timeout;
+    let budget = spec.connect_timeout;
     let work = async {
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
             .await
@@ -125,7 +142,7 @@ async fn attempt(
             .connect(name, tcp)
             .await
             .map_err(AttemptError::Handshake)?;
-        check_server(&stream, ep, tls, ctx.trust_domain)?;
+        check_server(&stream, ep, tls, policy)?;
         Ok(stream)
     };
     timeout(budget, work)

@@ -25,6 +25,15 @@ pub const DEFAULT_LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default upstream dial + handshake timeout per attempt (`connect_timeout_ms`).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Settings that come from flags and that `Proxy.Config` keys may override.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Defaults {
+    /// `-reauthorize-interval` (`reauthorize_interval_ms`); `None` is off.
+    pub reauthorize_interval: Option<Duration>,
+    /// `-max-conn-lifetime` (`max_conn_lifetime_ms`); `None` is off.
+    pub max_conn_lifetime: Option<Duration>,
+}
+
 /// The proxy configuration at one point in time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -38,6 +47,9 @@ pub struct ProxyConfig {
     pub public: Option<PublicListener>,
     /// One listener per upstream.
     pub upstreams: Vec<UpstreamSpec>,
+    /// Re-check live inbound connections on this interval too (they are always re-checked
+    /// when intentions, the default policy or the roots change).
+    pub reauthorize_interval: Option<Duration>,
 }
 
 /// The inbound (mTLS) side.
@@ -51,6 +63,8 @@ pub struct PublicListener {
     pub handshake_timeout: Duration,
     /// Limit for dialling the local app.
     pub local_connect_timeout: Duration,
+    /// Close inbound connections after about this long (jittered down by up to 10%).
+    pub max_conn_lifetime: Option<Duration>,
 }
 
 /// The local application.
@@ -90,7 +104,7 @@ pub enum Destination {
 }
 
 /// A local listening address.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BindAddr {
     /// TCP.
     Tcp(SocketAddr),
@@ -136,8 +150,9 @@ pub struct Converted {
 }
 
 impl ProxyConfig {
-    /// Converts a registration; `Err` says why it cannot be honoured.
-    pub fn from_api(svc: &api::AgentService) -> Result<Converted, String> {
+    /// Converts a registration; `Err` says why it cannot be honoured. `defaults` come from
+    /// flags; `Proxy.Config` keys override them (0 turns a limit off).
+    pub fn from_api(svc: &api::AgentService, defaults: &Defaults) -> Result<Converted, String> {
         if svc.kind != "connect-proxy" {
             let kind = if svc.kind.is_empty() {
                 "typical service"
@@ -188,6 +203,11 @@ impl ProxyConfig {
                     "local_connect_timeout_ms",
                     DEFAULT_LOCAL_CONNECT_TIMEOUT,
                 )?,
+                max_conn_lifetime: optional_ms(
+                    cfg,
+                    "max_conn_lifetime_ms",
+                    defaults.max_conn_lifetime,
+                )?,
             })
         };
 
@@ -206,6 +226,11 @@ impl ProxyConfig {
                 datacenter: svc.datacenter.clone(),
                 public,
                 upstreams,
+                reauthorize_interval: optional_ms(
+                    cfg,
+                    "reauthorize_interval_ms",
+                    defaults.reauthorize_interval,
+                )?,
             },
             notes,
         })
@@ -353,6 +378,19 @@ fn opt_u16(cfg: &Map<String, Value>, key: &str) -> Result<Option<u16>, String> {
     }
 }
 
+/// An optional limit in milliseconds: absent keeps `default`, 0 turns it off.
+fn optional_ms(
+    cfg: &Map<String, Value>,
+    key: &str,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, String> {
+    match opt_number(cfg, key)? {
+        None => Ok(default),
+        Some(0.0) => Ok(None),
+        Some(_) => duration_ms(cfg, key, Duration::ZERO).map(Some),
+    }
+}
+
 fn duration_ms(cfg: &Map<String, Value>, key: &str, default: Duration) -> Result<Duration, String> {
     match opt_number(cfg, key)? {
         None => Ok(default),
@@ -392,7 +430,7 @@ mod tests {
 
     #[test]
     fn maps_a_sidecar_registration() {
-        let c = ProxyConfig::from_api(&registration(sidecar())).unwrap();
+        let c = ProxyConfig::from_api(&registration(sidecar()), &Defaults::default()).unwrap();
         let cfg = c.config;
         assert_eq!(cfg.service, "web");
         assert_eq!(cfg.datacenter, "dc1");
@@ -440,7 +478,9 @@ mod tests {
         j["Proxy"]["Config"]["bind_address"] = "127.0.0.2".into();
         j["Proxy"]["Config"]["bind_port"] = 22000.into();
         j["Proxy"]["Config"]["local_service_address"] = "127.0.0.3:9000".into();
-        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
         let public = cfg.public.unwrap();
         assert_eq!(public.bind, "127.0.0.2:22000".parse().unwrap());
         assert_eq!(
@@ -456,7 +496,9 @@ mod tests {
     fn registration_address_used_without_config_keys() {
         let mut j = sidecar();
         j["Address"] = "127.0.0.9".into();
-        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
         assert_eq!(cfg.public.unwrap().bind, "127.0.0.9:21000".parse().unwrap());
     }
 
@@ -464,7 +506,9 @@ mod tests {
     fn local_service_address_host_only_takes_the_registration_port() {
         let mut j = sidecar();
         j["Proxy"]["Config"]["local_service_address"] = "localhost".into();
-        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
         assert_eq!(
             cfg.public.unwrap().local_app,
             LocalApp::Tcp {
@@ -480,7 +524,9 @@ mod tests {
         j["Proxy"]["LocalServicePort"] = 0.into();
         j["Proxy"]["LocalServiceSocketPath"] = "/run/web.sock".into();
         j["Proxy"]["Upstreams"][0]["LocalBindSocketPath"] = "/run/db.sock".into();
-        let cfg = ProxyConfig::from_api(&registration(j)).unwrap().config;
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
         assert_eq!(
             cfg.public.unwrap().local_app,
             LocalApp::Unix("/run/web.sock".into())
@@ -492,7 +538,7 @@ mod tests {
     fn port_zero_means_no_public_listener() {
         let mut j = sidecar();
         j["Port"] = 0.into();
-        let c = ProxyConfig::from_api(&registration(j)).unwrap();
+        let c = ProxyConfig::from_api(&registration(j), &Defaults::default()).unwrap();
         assert!(c.config.public.is_none());
         assert!(c.notes.iter().any(|n| n.contains("no public port")));
     }
@@ -542,7 +588,7 @@ mod tests {
         for (mutate, needle) in cases {
             let mut j = sidecar();
             mutate(&mut j);
-            let err = ProxyConfig::from_api(&registration(j)).unwrap_err();
+            let err = ProxyConfig::from_api(&registration(j), &Defaults::default()).unwrap_err();
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
         }
     }

@@ -11,7 +11,7 @@ use crate::authz::Intentions;
 use crate::consul::watch::{self, Hash, Index, Subscriber, WatchSettings};
 use crate::consul::{Blocking, ConsulClient};
 use crate::endpoints::Endpoints;
-use crate::proxy_config::{Destination, ProxyConfig, UpstreamSpec};
+use crate::proxy_config::{Defaults, Destination, ProxyConfig, UpstreamSpec};
 use crate::tls::{Leaf, TrustBundle};
 
 /// How often prepared queries (which cannot block) are re-executed.
@@ -102,6 +102,7 @@ pub fn spawn_proxy_config(
     client: ConsulClient,
     proxy_id: String,
     initial: (ProxyConfig, String),
+    defaults: Defaults,
     settings: WatchSettings,
     cancel: CancellationToken,
 ) -> Subscriber<ProxyConfig> {
@@ -119,7 +120,7 @@ pub fn spawn_proxy_config(
                 let (svc, hash) = client
                     .agent_service(&proxy_id, hash.as_deref(), wait)
                     .await?;
-                let converted = ProxyConfig::from_api(&svc).map(|c| {
+                let converted = ProxyConfig::from_api(&svc, &defaults).map(|c| {
                     for note in c.notes {
                         tracing::info!(%note, "proxy configuration");
                     }

@@ -4,6 +4,7 @@
 mod agent;
 mod duration;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ pub use agent::{AgentAddr, AgentConfig, AgentTls, Scheme, Secret, TokenSource, T
 pub use duration::parse_duration;
 
 use crate::cli::Args;
+use crate::proxy_config::Defaults;
 use crate::spiffe::TrustDomainPolicy;
 
 /// Which registration to run as.
@@ -44,6 +46,10 @@ pub struct Config {
     pub trust_domain: TrustDomainPolicy,
     /// How long connections may drain on shutdown.
     pub drain_timeout: Duration,
+    /// Limits that `Proxy.Config` keys may override.
+    pub defaults: Defaults,
+    /// Where to serve the admin endpoint, if anywhere.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 /// A configuration error: printed to the user as is, exit code 2.
@@ -152,11 +158,22 @@ impl Config {
                 });
             }
         };
-        let drain_timeout =
-            parse_duration(&args.drain_timeout).map_err(|reason| ConfigError::Flag {
-                flag: "drain-timeout",
-                reason,
-            })?;
+        let duration = |flag: &'static str, raw: &str| {
+            parse_duration(raw).map_err(|reason| ConfigError::Flag { flag, reason })
+        };
+        let optional = |flag, raw: &str| duration(flag, raw).map(|d| (!d.is_zero()).then_some(d));
+        let drain_timeout = duration("drain-timeout", &args.drain_timeout)?;
+        let defaults = Defaults {
+            reauthorize_interval: optional("reauthorize-interval", &args.reauthorize_interval)?,
+            max_conn_lifetime: optional("max-conn-lifetime", &args.max_conn_lifetime)?,
+        };
+        let admin_addr = match &args.admin_addr {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| ConfigError::Flag {
+                flag: "admin-addr",
+                reason: format!("{a:?} is not an IP:port address"),
+            })?),
+        };
 
         Ok(Config {
             target,
@@ -170,6 +187,8 @@ impl Config {
             },
             trust_domain,
             drain_timeout,
+            defaults,
+            admin_addr,
         })
     }
 }
@@ -241,6 +260,12 @@ mod tests {
         assert_eq!(c.agent.token, TokenSource::None);
         assert_eq!(c.trust_domain, TrustDomainPolicy::Enforce);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.defaults,
+            Defaults::default(),
+            "re-authorization timer and lifetime off"
+        );
+        assert_eq!(c.admin_addr, None);
         assert_eq!(c.log.filter, "warn,consul_proxy=info");
     }
 
@@ -343,6 +368,36 @@ mod tests {
             let err = build(args, env).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn limits_and_admin_address() {
+        let c = build(
+            &[
+                "-proxy-id",
+                "p",
+                "-reauthorize-interval",
+                "1m",
+                "-max-conn-lifetime=2h",
+                "-admin-addr",
+                "127.0.0.1:19000",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.defaults.reauthorize_interval,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            c.defaults.max_conn_lifetime,
+            Some(Duration::from_secs(7200))
+        );
+        assert_eq!(c.admin_addr, Some("127.0.0.1:19000".parse().unwrap()));
+        let err = build(&["-proxy-id", "p", "-admin-addr", "localhost"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("-admin-addr"), "{err}");
     }
 
     #[test]

@@ -106,6 +106,11 @@ impl TrustBundle {
         &self.intermediates
     }
 
+    /// Whether some anchor trusted here is missing from `new` (a root was removed).
+    pub fn removes_anchors_of(&self, new: &TrustBundle) -> bool {
+        self.anchors.iter().any(|a| !new.anchors.contains(a))
+    }
+
     /// The IDs of the roots in use, for logs.
     pub fn root_ids(&self) -> &[String] {
         &self.root_ids

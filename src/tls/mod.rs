@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub use bundle::{TrustBundle, first_cert};
 pub use leaf::Leaf;
 pub use peer::{IdentityError, PeerIdentity};
-pub use verify::{ConnectClientVerifier, ConnectServerVerifier};
+pub use verify::{ConnectClientVerifier, ConnectServerVerifier, verify_client_chain};
 
 use crate::consul::watch::{Publisher, Subscriber};
 

@@ -48,6 +48,23 @@ fn verify_chain(
     .map_err(pki_error)
 }
 
+/// Verifies a client chain (leaf, then intermediates) against the bundle at `time`.
+pub fn verify_client_chain(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    time: UnixTime,
+) -> Result<(), rustls::Error> {
+    verify_chain(
+        bundle,
+        &super::provider(),
+        end_entity,
+        intermediates,
+        time,
+        KeyUsage::client_auth(),
+    )
+}
+
 fn pki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as E;
     let ce = match e {

@@ -1,0 +1,124 @@
+//! The admin endpoint (`-admin-addr`, plain HTTP, meant for loopback): `/ready`, `/metrics`
+//! (Prometheus text) and `/status` (JSON: the live inbound connections). Deliberately tiny:
+//! GET only, one request per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::conns::Registry;
+use crate::metrics::Metrics;
+
+/// What the admin endpoint reports on.
+pub struct AdminState {
+    /// Live connections.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// True between readiness and the start of shutdown.
+    pub ready: AtomicBool,
+    /// Our service, for `/status`.
+    pub service: String,
+}
+
+/// Binds the admin listener (an error if the address is taken) and serves until cancelled.
+pub async fn spawn(
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            if let Ok((stream, _)) = accepted {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = serve(stream, &state).await {
+                        tracing::debug!(%error, "admin request failed");
+                    }
+                });
+            }
+        }
+    });
+    Ok(local)
+}
+
+async fn serve(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    let read = async {
+        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::other("request timed out"))??;
+    let request = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = respond(method, path, state);
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn respond(method: &str, path: &str, state: &AdminState) -> (&'static str, &'static str, String) {
+    if method != "GET" {
+        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
+    }
+    match path {
+        "/ready" if state.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ready\n".into())
+        }
+        "/ready" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            state.metrics.render(state.registry.len()),
+        ),
+        "/status" => ("200 OK", "application/json", status_json(state)),
+        _ => ("404 Not Found", "text/plain", "not found\n".into()),
+    }
+}
+
+fn status_json(state: &AdminState) -> String {
+    let conns: Vec<serde_json::Value> = state
+        .registry
+        .snapshot()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id,
+                "source": c.source.to_string(),
+                "started_unix": c.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "bytes_in": c.bytes_in.load(Ordering::Relaxed),
+                "bytes_out": c.bytes_out.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::json!({"service": state.service, "inbound": conns}).to_string()
+}

@@ -1,0 +1,301 @@
+//! The registry of live inbound connections: who is connected, since when, how many bytes, and
+//! a handle to close each one. Used to re-check connections when intentions or roots change.
+//!
+//! The data path never takes a lock: byte counts are relaxed atomics on the connection's own
+//! entry. The registry's sharded map is touched twice per connection (insert, remove) and when
+//! the enforcer takes a snapshot.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::spiffe::SpiffeId;
+
+const SHARDS: usize = 16;
+
+/// All live inbound connections.
+#[derive(Debug)]
+pub struct Registry {
+    shards: Vec<Mutex<HashMap<u64, Arc<Conn>>>>,
+    next_id: AtomicU64,
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Registry key.
+    pub id: u64,
+    /// The caller's identity.
+    pub source: SpiffeId,
+    /// The caller's certificate serial (colon hex).
+    pub serial: String,
+    /// The caller's chain as presented, leaf first (re-verified when roots change).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// When the handshake completed (the time the chain was verified at).
+    pub verified_at: UnixTime,
+    /// Wall-clock start, for status output.
+    pub started: SystemTime,
+    /// Bytes from the caller to the app so far.
+    pub bytes_in: AtomicU64,
+    /// Bytes from the app to the caller so far.
+    pub bytes_out: AtomicU64,
+    cancel: CancellationToken,
+    close_reason: OnceLock<String>,
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    conn: Arc<Conn>,
+}
+
+/// What is known about a connection when it is registered.
+#[derive(Debug)]
+pub struct NewConn {
+    /// The caller's identity.
+    pub source: SpiffeId,
+    /// The caller's certificate serial.
+    pub serial: String,
+    /// The caller's chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// When it was verified.
+    pub verified_at: UnixTime,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Registry::default())
+    }
+
+    /// Adds a connection; it stays listed until the returned guard is dropped.
+    pub fn register(self: &Arc<Self>, new: NewConn) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            source: new.source,
+            serial: new.serial,
+            chain: new.chain,
+            verified_at: new.verified_at,
+            started: SystemTime::now(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+            close_reason: OnceLock::new(),
+        });
+        self.shard(id).insert(id, conn.clone());
+        Registration {
+            registry: self.clone(),
+            conn,
+        }
+    }
+
+    /// Every live connection at this moment.
+    pub fn snapshot(&self) -> Vec<Arc<Conn>> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            all.extend(lock(shard).values().cloned());
+        }
+        all
+    }
+
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        lock(&self.shards[(id as usize) % SHARDS])
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Invariant: no code panics while holding a shard lock (insert, remove, clone only).
+    m.lock().expect("connection registry lock")
+}
+
+impl Conn {
+    /// Asks the connection to close, with a reason for its log line. The first reason wins.
+    pub fn close(&self, reason: String) {
+        let _ = self.close_reason.set(reason);
+        self.cancel.cancel();
+    }
+
+    /// Resolves when [`Conn::close`] was called.
+    pub async fn closed(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Why the connection was asked to close.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.get().map(String::as_str)
+    }
+}
+
+impl Registration {
+    /// The registered connection.
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.shard(self.conn.id).remove(&self.conn.id);
+    }
+}
+
+/// Which counter of a [`Conn`] a [`Counted`] stream feeds.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    /// Reads count as bytes in (caller to app).
+    In,
+    /// Reads count as bytes out (app to caller).
+    Out,
+}
+
+/// A stream wrapper that adds every byte read to its connection's counter.
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    conn: Arc<Conn>,
+    direction: Direction,
+}
+
+impl<S> Counted<S> {
+    /// Counts reads from `inner` into `conn`.
+    pub fn new(inner: S, conn: Arc<Conn>, direction: Direction) -> Self {
+        Counted {
+            inner,
+            conn,
+            direction,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let counter = match self.direction {
+                Direction::In => &self.conn.bytes_in,
+                Direction::Out => &self.conn.bytes_out,
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn new_conn(svc: &str) -> NewConn {
+        NewConn {
+            source: SpiffeId::new("td.consul", "", "", "dc1", svc),
+            serial: "01".into(),
+            chain: Vec::new(),
+            verified_at: UnixTime::now(),
+        }
+    }
+
+    #[test]
+    fn registration_lists_until_dropped() {
+        let r = Registry::new();
+        let a = r.register(new_conn("a"));
+        let b = r.register(new_conn("b"));
+        assert_eq!(r.len(), 2);
+        assert_ne!(a.conn().id, b.conn().id);
+        drop(a);
+        let left = r.snapshot();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].source.service(), "b");
+    }
+
+    #[tokio::test]
+    async fn close_records_the_first_reason_and_wakes_the_connection() {
+        let r = Registry::new();
+        let reg = r.register(new_conn("a"));
+        let conn = reg.conn().clone();
+        let waiter = tokio::spawn(async move { conn.closed().await });
+        reg.conn().close("denied by intention".into());
+        reg.conn().close("second".into());
+        waiter.await.unwrap();
+        assert_eq!(reg.conn().close_reason(), Some("denied by intention"));
+    }
+
+    #[tokio::test]
+    async fn counted_streams_add_bytes_to_their_connection() {
+        let r = Registry::new();
+        let reg = r.register(new_conn("a"));
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut counted = Counted::new(a, reg.conn().clone(), Direction::In);
+        b.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        counted.read_exact(&mut buf).await.unwrap();
+        assert_eq!(reg.conn().bytes_in.load(Ordering::Relaxed), 5);
+        assert_eq!(reg.conn().bytes_out.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,139 @@
+//! Live enforcement: when the inputs of an authorization decision change (intentions, the
+//! default policy, the trusted roots), every live inbound connection is checked again with the
+//! same functions used at accept, and those that would now be refused are closed. Optionally
+//! also on a timer (`-reauthorize-interval`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::authorizer::Authorizer;
+use crate::conns::{Conn, Registry};
+use crate::consul::watch::Subscriber;
+use crate::metrics::Metrics;
+use crate::tls::{PeerIdentity, TrustBundle, verify_client_chain};
+
+/// What the enforcer watches and acts on.
+pub struct Enforcer {
+    /// Live connections.
+    pub registry: Arc<Registry>,
+    /// Decisions.
+    pub authorizer: Authorizer,
+    /// Our service name, for logs.
+    pub service: String,
+    /// Trusted roots.
+    pub roots: Subscriber<TrustBundle>,
+    /// Periodic re-check interval; `None` is off.
+    pub interval: watch::Receiver<Option<Duration>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Enforcer {
+    /// Runs until cancelled.
+    pub fn spawn(self, cancel: CancellationToken) {
+        tokio::spawn(async move { self.run(cancel).await });
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut intentions = self.authorizer.subscribe_intentions();
+        let mut default = self.authorizer.subscribe_default();
+        let mut roots = self.roots.clone();
+        let mut trusted = roots.borrow_and_update().clone();
+        intentions.borrow_and_update();
+        default.borrow_and_update();
+        loop {
+            let interval = *self.interval.borrow_and_update();
+            let tick = async {
+                match interval {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = intentions.changed() => {
+                    if r.is_err() { return }
+                    self.reauthorize("intentions changed").await;
+                }
+                r = default.changed() => {
+                    if r.is_err() { return }
+                    self.reauthorize("default policy changed").await;
+                }
+                r = roots.changed() => {
+                    if r.is_err() { return }
+                    let new = roots.borrow_and_update().clone();
+                    if let (Some(old), Some(new)) = (&trusted, &new) {
+                        if old.removes_anchors_of(new) {
+                            self.reverify(new);
+                        }
+                    }
+                    trusted = new;
+                }
+                r = self.interval.changed() => if r.is_err() { return },
+                _ = tick => self.reauthorize("periodic re-authorization").await,
+            }
+        }
+    }
+
+    /// Closes every live connection the current intentions and default would refuse.
+    async fn reauthorize(&self, why: &str) {
+        let conns = self.registry.snapshot();
+        let mut closed = 0usize;
+        for conn in &conns {
+            let peer = PeerIdentity {
+                id: conn.source.clone(),
+                serial: conn.serial.clone(),
+            };
+            let decision = self.authorizer.authorize(&peer).await;
+            if decision.is_allow() {
+                continue;
+            }
+            tracing::warn!(
+                conn.id = conn.id,
+                source = %conn.source,
+                destination = %self.service,
+                reason = %decision.reason,
+                trigger = why,
+                "closing a live connection that is no longer authorized"
+            );
+            conn.close(format!("no longer authorized: {}", decision.reason));
+            self.metrics.closed_reauthorization.inc();
+            closed += 1;
+        }
+        tracing::debug!(
+            trigger = why,
+            checked = conns.len(),
+            closed,
+            "re-authorized live connections"
+        );
+    }
+
+    /// Closes every live connection whose chain no longer ends in a trusted root.
+    fn reverify(&self, bundle: &TrustBundle) {
+        for conn in self.registry.snapshot() {
+            if let Err(error) = verify(&conn, bundle) {
+                tracing::warn!(
+                    conn.id = conn.id,
+                    source = %conn.source,
+                    destination = %self.service,
+                    %error,
+                    "closing a live connection whose certificate chain is no longer trusted"
+                );
+                conn.close(format!("certificate chain no longer trusted: {error}"));
+                self.metrics.closed_trust.inc();
+            }
+        }
+    }
+}
+
+fn verify(conn: &Conn, bundle: &TrustBundle) -> Result<(), rustls::Error> {
+    let Some((leaf, intermediates)) = conn.chain.split_first() else {
+        return Err(rustls::Error::NoCertificatesPresented);
+    };
+    // At the handshake's time: a root removal should close the connection, the leaf's own
+    // expiry should not (that is what -max-conn-lifetime is for).
+    verify_client_chain(bundle, leaf, intermediates, conn.verified_at)
+}

@@ -1,0 +1,130 @@
+//! Process-wide counters, rendered in the Prometheus text format by the admin endpoint.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter the proxy keeps.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Inbound connections authorized and forwarded to the app.
+    pub inbound_authorized: Counter,
+    /// Inbound connections refused by authorization.
+    pub inbound_denied: Counter,
+    /// Inbound TLS handshakes that failed (bad or missing certificate, garbage, timeout).
+    pub inbound_handshake_failed: Counter,
+    /// Inbound callers whose certificate carried no usable identity.
+    pub inbound_identity_rejected: Counter,
+    /// Inbound connections whose local app could not be reached.
+    pub inbound_app_unreachable: Counter,
+    /// Live connections closed because an intention change now denies them.
+    pub closed_reauthorization: Counter,
+    /// Live connections closed because the root their chain ends in was removed.
+    pub closed_trust: Counter,
+    /// Live connections closed at their maximum lifetime.
+    pub closed_lifetime: Counter,
+    /// Upstream connections established.
+    pub upstream_connected: Counter,
+    /// Upstream connections that found no endpoint or exhausted their attempts.
+    pub upstream_failed: Counter,
+    /// Upstream servers that presented the wrong identity.
+    pub upstream_identity_mismatch: Counter,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition, with the live inbound connection gauge.
+    pub fn render(&self, inbound_active: usize) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP consul_proxy_{name} {help}");
+            let _ = writeln!(out, "# TYPE consul_proxy_{name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "consul_proxy_{name}{labels} {v}");
+            }
+        };
+        counter(
+            "inbound_connections_total",
+            "Inbound connections by outcome.",
+            &[
+                ("{result=\"authorized\"}", self.inbound_authorized.get()),
+                ("{result=\"denied\"}", self.inbound_denied.get()),
+                (
+                    "{result=\"handshake_failed\"}",
+                    self.inbound_handshake_failed.get(),
+                ),
+                (
+                    "{result=\"identity_rejected\"}",
+                    self.inbound_identity_rejected.get(),
+                ),
+                (
+                    "{result=\"app_unreachable\"}",
+                    self.inbound_app_unreachable.get(),
+                ),
+            ],
+        );
+        counter(
+            "inbound_closed_total",
+            "Live inbound connections closed by the proxy, by reason.",
+            &[
+                (
+                    "{reason=\"reauthorization\"}",
+                    self.closed_reauthorization.get(),
+                ),
+                ("{reason=\"trust\"}", self.closed_trust.get()),
+                ("{reason=\"lifetime\"}", self.closed_lifetime.get()),
+            ],
+        );
+        counter(
+            "upstream_connections_total",
+            "Upstream connections by outcome.",
+            &[
+                ("{result=\"connected\"}", self.upstream_connected.get()),
+                ("{result=\"failed\"}", self.upstream_failed.get()),
+                (
+                    "{result=\"identity_mismatch\"}",
+                    self.upstream_identity_mismatch.get(),
+                ),
+            ],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP consul_proxy_inbound_active Live inbound connections."
+        );
+        let _ = writeln!(out, "# TYPE consul_proxy_inbound_active gauge");
+        let _ = writeln!(out, "consul_proxy_inbound_active {inbound_active}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.inbound_denied.inc();
+        m.closed_reauthorization.inc();
+        m.closed_reauthorization.inc();
+        let text = m.render(3);
+        assert!(text.contains("consul_proxy_inbound_connections_total{result=\"denied\"} 1\n"));
+        assert!(text.contains("consul_proxy_inbound_closed_total{reason=\"reauthorization\"} 2\n"));
+        assert!(text.contains("consul_proxy_inbound_active 3\n"));
+        assert!(text.contains("# TYPE consul_proxy_inbound_active gauge\n"));
+    }
+}

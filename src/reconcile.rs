@@ -1,0 +1,510 @@
+//! Live reconfiguration: the desired listeners (from the proxy registration) against the
+//! running ones. [`plan`] is the pure diff; [`Listeners`] carries it out, touching only what
+//! changed: a listener whose settings changed keeps its socket and its connections and serves
+//! new connections with the new settings; a removed or moved listener stops accepting and its
+//! connections drain for up to the drain timeout.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authorizer::Authorizer;
+use crate::conns::Registry;
+use crate::consul::ConsulClient;
+use crate::consul::watch::{Subscriber, WatchSettings};
+use crate::endpoints::Endpoints;
+use crate::inbound::{self, InboundContext};
+use crate::metrics::Metrics;
+use crate::net::{self, Listener};
+use crate::outbound::{self, UpstreamContext, UpstreamTarget};
+use crate::proxy_config::{BindAddr, ProxyConfig, PublicListener, UpstreamSpec};
+use crate::spiffe::TrustDomainPolicy;
+use crate::tls::TlsConfigs;
+use crate::watchers;
+
+/// One step of a reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Bind and serve a new public listener (replacing any running one).
+    StartPublic(PublicListener),
+    /// Same address, new settings for new connections.
+    UpdatePublic(PublicListener),
+    /// Stop the public listener.
+    StopPublic,
+    /// Bind and serve a new upstream listener.
+    StartUpstream(UpstreamSpec),
+    /// Same address, new target or settings.
+    UpdateUpstream(UpstreamSpec),
+    /// Stop the upstream listener on this address.
+    StopUpstream(BindAddr),
+}
+
+/// What is running, as far as reconciliation cares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    /// The public listener's settings.
+    pub public: Option<PublicListener>,
+    /// Upstream listeners by address.
+    pub upstreams: BTreeMap<BindAddr, UpstreamSpec>,
+}
+
+/// The steps that take `running` to `desired`; unchanged listeners get no step.
+pub fn plan(running: &Running, desired: &ProxyConfig) -> Vec<Action> {
+    let mut actions = Vec::new();
+    match (&running.public, &desired.public) {
+        (None, Some(d)) => actions.push(Action::StartPublic(d.clone())),
+        (Some(_), None) => actions.push(Action::StopPublic),
+        (Some(r), Some(d)) if r.bind != d.bind => actions.push(Action::StartPublic(d.clone())),
+        (Some(r), Some(d)) if r != d => actions.push(Action::UpdatePublic(d.clone())),
+        _ => {}
+    }
+    for addr in running.upstreams.keys() {
+        if !desired.upstreams.iter().any(|u| &u.bind == addr) {
+            actions.push(Action::StopUpstream(addr.clone()));
+        }
+    }
+    for spec in &desired.upstreams {
+        match running.upstreams.get(&spec.bind) {
+            None => actions.push(Action::StartUpstream(spec.clone())),
+            Some(r) if r != spec => actions.push(Action::UpdateUpstream(spec.clone())),
+            Some(_) => {}
+        }
+    }
+    actions
+}
+
+/// Everything listeners and their connections share.
+pub struct Shared {
+    /// Agent client (endpoint watches).
+    pub client: ConsulClient,
+    /// Blocking-query timing.
+    pub watch: WatchSettings,
+    /// Current TLS configs.
+    pub tls: Subscriber<TlsConfigs>,
+    /// Authorization.
+    pub authorizer: Authorizer,
+    /// Live inbound connections.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Trust-domain policy.
+    pub trust_domain: TrustDomainPolicy,
+    /// How long a stopped listener's connections may drain before they are cut.
+    pub drain_timeout: Duration,
+    /// Tracks every listener's life (accepting, then draining its own connections).
+    pub tracker: TaskTracker,
+    /// Parent of every listener's kill token: cuts every connection at once.
+    pub kill_all: CancellationToken,
+    /// Parent of every endpoint watch.
+    pub background: CancellationToken,
+}
+
+struct RunningPublic {
+    settings: watch::Sender<Arc<PublicListener>>,
+    handle: ListenerHandle,
+}
+
+struct RunningUpstream {
+    spec: UpstreamSpec,
+    target: watch::Sender<Arc<UpstreamTarget>>,
+    endpoints_cancel: CancellationToken,
+    handle: ListenerHandle,
+}
+
+struct ListenerHandle {
+    stop: CancellationToken,
+}
+
+/// The running listeners.
+pub struct Listeners {
+    shared: Arc<Shared>,
+    public: Option<RunningPublic>,
+    upstreams: BTreeMap<BindAddr, RunningUpstream>,
+}
+
+impl Listeners {
+    /// No listener yet.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Listeners {
+            shared,
+            public: None,
+            upstreams: BTreeMap::new(),
+        }
+    }
+
+    /// What is running.
+    pub fn running(&self) -> Running {
+        Running {
+            public: self
+                .public
+                .as_ref()
+                .map(|p| (**p.settings.borrow()).clone()),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|(a, u)| (a.clone(), u.spec.clone()))
+                .collect(),
+        }
+    }
+
+    /// Binds every listener of the first configuration, with already-started endpoint
+    /// watches; any bind failure is returned (nothing is served until all are bound).
+    pub async fn start(
+        &mut self,
+        config: &ProxyConfig,
+        endpoints: Vec<Subscriber<Endpoints>>,
+        endpoints_cancel: CancellationToken,
+    ) -> Result<(), (BindAddr, std::io::Error)> {
+        let mut bound = Vec::new();
+        if let Some(public) = &config.public {
+            let addr = BindAddr::Tcp(public.bind);
+            bound.push(Listener::bind(&addr).await.map_err(|e| (addr, e))?);
+        }
+        for spec in &config.upstreams {
+            bound.push(
+                Listener::bind(&spec.bind)
+                    .await
+                    .map_err(|e| (spec.bind.clone(), e))?,
+            );
+        }
+        let mut bound = bound.into_iter();
+        if let Some(public) = &config.public {
+            // Invariant: one listener was bound above for the public listener.
+            self.serve_public(bound.next().expect("bound public listener"), public.clone());
+        }
+        for (spec, eps) in config.upstreams.iter().zip(endpoints) {
+            let listener = bound.next().expect("bound upstream listener");
+            self.serve_upstream(listener, spec.clone(), eps, endpoints_cancel.child_token());
+        }
+        Ok(())
+    }
+
+    /// Applies a new configuration; failures are logged and leave that listener as it was.
+    pub async fn apply(&mut self, desired: &ProxyConfig) {
+        for action in plan(&self.running(), desired) {
+            tracing::info!(?action, "reconfiguring");
+            match action {
+                Action::StartPublic(p) => {
+                    let addr = BindAddr::Tcp(p.bind);
+                    match Listener::bind(&addr).await {
+                        Ok(l) => {
+                            if let Some(old) = self.public.take() {
+                                self.retire(old.handle, "public");
+                            }
+                            self.serve_public(l, p);
+                        }
+                        Err(error) => {
+                            tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one")
+                        }
+                    }
+                }
+                Action::UpdatePublic(p) => {
+                    if let Some(running) = &self.public {
+                        running.settings.send_replace(Arc::new(p));
+                    }
+                }
+                Action::StopPublic => {
+                    if let Some(old) = self.public.take() {
+                        self.retire(old.handle, "public");
+                    }
+                }
+                Action::StartUpstream(spec) => match Listener::bind(&spec.bind).await {
+                    Ok(l) => {
+                        let cancel = self.shared.background.child_token();
+                        let eps = self.spawn_endpoints(&spec, &cancel);
+                        self.serve_upstream(l, spec, eps, cancel);
+                    }
+                    Err(error) => {
+                        tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener")
+                    }
+                },
+                Action::UpdateUpstream(spec) => {
+                    let Some(running) = self.upstreams.get(&spec.bind) else {
+                        continue;
+                    };
+                    let same_target = running.spec.destination == spec.destination
+                        && running.spec.datacenter == spec.datacenter;
+                    let (endpoints, endpoints_cancel) = if same_target {
+                        (
+                            running.target.borrow().endpoints.clone(),
+                            running.endpoints_cancel.clone(),
+                        )
+                    } else {
+                        running.endpoints_cancel.cancel();
+                        let cancel = self.shared.background.child_token();
+                        (self.spawn_endpoints(&spec, &cancel), cancel)
+                    };
+                    if let Some(running) = self.upstreams.get_mut(&spec.bind) {
+                        running.target.send_replace(Arc::new(UpstreamTarget {
+                            spec: spec.clone(),
+                            endpoints,
+                        }));
+                        running.endpoints_cancel = endpoints_cancel;
+                        running.spec = spec;
+                    }
+                }
+                Action::StopUpstream(addr) => {
+                    if let Some(old) = self.upstreams.remove(&addr) {
+                        old.endpoints_cancel.cancel();
+                        self.retire(old.handle, "upstream");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every listener from accepting (shutdown).
+    pub fn stop_accepting(&self) {
+        if let Some(p) = &self.public {
+            p.handle.stop.cancel();
+        }
+        for u in self.upstreams.values() {
+            u.handle.stop.cancel();
+        }
+    }
+
+    fn spawn_endpoints(
+        &self,
+        spec: &UpstreamSpec,
+        cancel: &CancellationToken,
+    ) -> Subscriber<Endpoints> {
+        watchers::spawn_endpoints(
+            self.shared.client.clone(),
+            spec,
+            self.shared.watch.clone(),
+            cancel.clone(),
+        )
+    }
+
+    fn serve_public(&mut self, listener: Listener, settings: PublicListener) {
+        tracing::info!(addr = %listener.local_addr(), app = %settings.local_app, "public listener ready");
+        let (tx, rx) = watch::channel(Arc::new(settings));
+        let s = &self.shared;
+        let ctx = Arc::new(InboundContext {
+            settings: rx,
+            tls: s.tls.clone(),
+            authorizer: s.authorizer.clone(),
+            trust_domain: s.trust_domain,
+            registry: s.registry.clone(),
+            metrics: s.metrics.clone(),
+        });
+        let handle = self.spawn_accept(listener, "inbound", move |stream, kill| {
+            inbound::serve_conn(stream, ctx.clone(), kill)
+        });
+        self.public = Some(RunningPublic {
+            settings: tx,
+            handle,
+        });
+    }
+
+    fn serve_upstream(
+        &mut self,
+        listener: Listener,
+        spec: UpstreamSpec,
+        endpoints: Subscriber<Endpoints>,
+        endpoints_cancel: CancellationToken,
+    ) {
+        tracing::info!(addr = %listener.local_addr(), upstream = %spec.destination, "upstream listener ready");
+        let (tx, rx) = watch::channel(Arc::new(UpstreamTarget {
+            spec: spec.clone(),
+            endpoints,
+        }));
+        let s = &self.shared;
+        let ctx = Arc::new(UpstreamContext {
+            target: rx,
+            tls: s.tls.clone(),
+            trust_domain: s.trust_domain,
+            metrics: s.metrics.clone(),
+        });
+        let handle = self.spawn_accept(listener, "upstream", move |stream, kill| {
+            outbound::serve_conn(stream, ctx.clone(), kill)
+        });
+        self.upstreams.insert(
+            spec.bind.clone(),
+            RunningUpstream {
+                spec,
+                target: tx,
+                endpoints_cancel,
+                handle,
+            },
+        );
+    }
+
+    fn spawn_accept<F, Fut>(
+        &self,
+        listener: Listener,
+        kind: &'static str,
+        handle: F,
+    ) -> ListenerHandle
+    where
+        F: Fn(net::Stream, CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let kill = self.shared.kill_all.child_token();
+        let conns = TaskTracker::new();
+        let deadline = self.shared.drain_timeout;
+        let (accept_stop, conn_kill) = (stop.clone(), kill.clone());
+        // The listener's whole life: accept until stopped, then let its own connections drain
+        // for the drain timeout and cut the rest.
+        self.shared.tracker.spawn(async move {
+            net::accept_loop(listener, kind, accept_stop, conns.clone(), move |s| {
+                handle(s, conn_kill.clone())
+            })
+            .await;
+            conns.close();
+            if tokio::time::timeout(deadline, conns.wait()).await.is_err() {
+                tracing::warn!(
+                    listener = kind,
+                    open = conns.len(),
+                    "drain deadline reached; closing the remaining connections"
+                );
+                kill.cancel();
+                conns.wait().await;
+            }
+        });
+        ListenerHandle { stop }
+    }
+
+    /// Stops a listener; its open connections drain for the drain timeout, then are cut.
+    fn retire(&self, handle: ListenerHandle, kind: &'static str) {
+        tracing::info!(
+            listener = kind,
+            "stopping a listener removed from the registration"
+        );
+        handle.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::proxy_config::{Destination, LocalApp};
+
+    fn public(port: u16, app_port: u16) -> PublicListener {
+        PublicListener {
+            bind: format!("0.0.0.0:{port}").parse().unwrap(),
+            local_app: LocalApp::Tcp {
+                host: "127.0.0.1".into(),
+                port: app_port,
+            },
+            handshake_timeout: Duration::from_secs(10),
+            local_connect_timeout: Duration::from_secs(1),
+            max_conn_lifetime: None,
+        }
+    }
+
+    fn upstream(name: &str, port: u16) -> UpstreamSpec {
+        UpstreamSpec {
+            destination: Destination::Service(name.into()),
+            datacenter: None,
+            bind: BindAddr::Tcp(format!("127.0.0.1:{port}").parse().unwrap()),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn config(public: Option<PublicListener>, upstreams: Vec<UpstreamSpec>) -> ProxyConfig {
+        ProxyConfig {
+            proxy_id: "p".into(),
+            service: "web".into(),
+            datacenter: "dc1".into(),
+            public,
+            upstreams,
+            reauthorize_interval: None,
+        }
+    }
+
+    fn running(cfg: &ProxyConfig) -> Running {
+        Running {
+            public: cfg.public.clone(),
+            upstreams: cfg
+                .upstreams
+                .iter()
+                .map(|u| (u.bind.clone(), u.clone()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn nothing_changes_when_nothing_changed() {
+        let cfg = config(Some(public(21000, 8080)), vec![upstream("db", 9191)]);
+        assert!(plan(&running(&cfg), &cfg).is_empty());
+    }
+
+    #[test]
+    fn first_configuration_starts_everything() {
+        let cfg = config(Some(public(21000, 8080)), vec![upstream("db", 9191)]);
+        assert_eq!(
+            plan(&Running::default(), &cfg),
+            vec![
+                Action::StartPublic(public(21000, 8080)),
+                Action::StartUpstream(upstream("db", 9191))
+            ]
+        );
+    }
+
+    #[test]
+    fn added_removed_and_retargeted_upstreams_touch_only_themselves() {
+        let before = config(
+            None,
+            vec![
+                upstream("db", 9191),
+                upstream("cache", 9192),
+                upstream("api", 9193),
+            ],
+        );
+        let after = config(
+            None,
+            vec![
+                upstream("db", 9191),
+                upstream("queue", 9192),
+                upstream("search", 9194),
+            ],
+        );
+        assert_eq!(
+            plan(&running(&before), &after),
+            vec![
+                Action::StopUpstream(upstream("api", 9193).bind),
+                Action::UpdateUpstream(upstream("queue", 9192)),
+                Action::StartUpstream(upstream("search", 9194)),
+            ]
+        );
+    }
+
+    #[test]
+    fn moved_upstream_is_stopped_and_started() {
+        let before = config(None, vec![upstream("db", 9191)]);
+        let after = config(None, vec![upstream("db", 9999)]);
+        assert_eq!(
+            plan(&running(&before), &after),
+            vec![
+                Action::StopUpstream(upstream("db", 9191).bind),
+                Action::StartUpstream(upstream("db", 9999))
+            ]
+        );
+    }
+
+    #[test]
+    fn public_listener_moves_or_updates_in_place() {
+        let before = config(Some(public(21000, 8080)), vec![]);
+        let app_moved = config(Some(public(21000, 9090)), vec![]);
+        assert_eq!(
+            plan(&running(&before), &app_moved),
+            vec![Action::UpdatePublic(public(21000, 9090))]
+        );
+        let port_moved = config(Some(public(22000, 8080)), vec![]);
+        assert_eq!(
+            plan(&running(&before), &port_moved),
+            vec![Action::StartPublic(public(22000, 8080))]
+        );
+        let gone = config(None, vec![]);
+        assert_eq!(plan(&running(&before), &gone), vec![Action::StopPublic]);
+    }
+}
