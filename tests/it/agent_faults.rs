@@ -4,7 +4,7 @@ use tokio::net::TcpStream;
 
 use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
-use crate::support::{DEADLINE, ProxyProcess, round_trip};
+use crate::support::{DEADLINE, ProxyProcess, refused, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_down_after_start_keeps_existing_and_new_connections_working() {
@@ -60,11 +60,7 @@ async fn agent_errors_and_garbage_keep_the_last_good_state_then_recover() {
     mesh.agent
         .set_intentions("db", vec![intention_json("web", "db", "deny", 9)]);
     crate::support::eventually("deny applies after recovery", DEADLINE, || async {
-        round_trip(mesh.web_upstream, b"x")
-            .await
-            .ok()
-            .filter(|b| b.is_empty())
-            .map(|_| ())
+        refused(mesh.web_upstream).await.then_some(())
     })
     .await;
 }

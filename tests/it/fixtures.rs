@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use consul_proxy::authz::{self, Intentions, Verdict};
 use consul_proxy::consul::api;
 use consul_proxy::endpoints::Endpoints;
-use consul_proxy::proxy_config::{BindAddr, Destination, LocalApp, ProxyConfig};
+use consul_proxy::proxy_config::{BindAddr, Defaults, Destination, LocalApp, ProxyConfig};
 use consul_proxy::spiffe::SpiffeId;
 use consul_proxy::tls::{TrustBundle, first_cert, peer};
 use serde_json::Value;
@@ -30,7 +30,9 @@ fn decode<T: serde::de::DeserializeOwned>(name: &str) -> T {
 #[test]
 fn real_registration_maps_to_listeners() {
     let svc: api::AgentService = decode("agent-service.json");
-    let cfg = ProxyConfig::from_api(&svc).unwrap().config;
+    let cfg = ProxyConfig::from_api(&svc, &Defaults::default())
+        .unwrap()
+        .config;
     assert_eq!(cfg.service, "web");
     let public = cfg.public.unwrap();
     assert_eq!(public.bind.port(), 21000);

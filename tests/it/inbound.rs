@@ -2,7 +2,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::fake_agent::intention_json;
+use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{LeafSpec, TestCa};
 use crate::support::tls_client;
@@ -102,6 +102,27 @@ async fn unmatched_caller_is_denied_when_the_default_is_deny() {
         "the allow intention still applies"
     );
     assert_eq!(mesh.echo.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_caller_is_denied_when_nobody_knows_the_default() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_path_fault(
+        "POST /v1/agent/connect/authorize",
+        Fault::Status(500, "boom".into()),
+    );
+    let db = mesh.start_db().await;
+    assert!(
+        !echoes(mesh.db_public, Some(&mesh.ca.leaf("api", "dc1"))).await,
+        "fail closed"
+    );
+    db.wait_log("cannot ask the agent for the default intention policy; denying")
+        .await;
+    assert_eq!(mesh.echo.accepted(), 0);
+    assert!(
+        echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await,
+        "a matching allow needs no default"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

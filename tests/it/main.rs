@@ -14,6 +14,8 @@ mod outbound;
 mod rotation;
 // The agent failing: down, unreachable at start, 403, 404, 500, garbage.
 mod agent_faults;
+// Live enforcement and reconfiguration: open connections and listeners follow changes.
+mod live;
 // SIGTERM: stop accepting, drain, exit 0.
 mod shutdown;
 // The fake agent's JSON against responses recorded from a real agent.

@@ -6,7 +6,9 @@ use crate::support::fake_agent::health_entry;
 use crate::support::mesh::Mesh;
 use crate::support::pki::TestCa;
 use crate::support::tls_client::TlsEchoServer;
-use crate::support::{DEADLINE, ProxyProcess, closed_without_data, free_port, round_trip};
+use crate::support::{
+    DEADLINE, ProxyProcess, closed_without_data, eventually, free_port, round_trip,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_presenting_another_service_is_refused_before_any_data() {
@@ -21,10 +23,10 @@ async fn server_presenting_another_service_is_refused_before_any_data() {
         "expected spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db",
     )
     .await;
-    assert!(
-        impostor.handshakes.load(Ordering::SeqCst) >= 1,
-        "the handshake happened"
-    );
+    eventually("the impostor saw our handshake", DEADLINE, || async {
+        (impostor.handshakes.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
     assert_eq!(
         impostor.bytes_received.load(Ordering::SeqCst),
         0,
@@ -42,6 +44,25 @@ async fn server_in_the_wrong_datacenter_is_refused() {
     assert!(closed_without_data(mesh.web_upstream).await);
     web.wait_log("upstream identity check failed").await;
     assert_eq!(other_dc.bytes_received.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_in_another_trust_domain_is_refused() {
+    let mesh = Mesh::new().await;
+    let foreign = mesh.ca.leaf_with(
+        "db",
+        crate::support::pki::LeafSpec {
+            uris: vec!["spiffe://other-cluster.consul/ns/default/dc/dc1/svc/db".into()],
+            expired: false,
+        },
+    );
+    let server = TlsEchoServer::start(&foreign).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", server.port, "dc1")]);
+    let web = mesh.start_web().await;
+    assert!(closed_without_data(mesh.web_upstream).await);
+    web.wait_log("not in our trust domain").await;
+    assert_eq!(server.bytes_received.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

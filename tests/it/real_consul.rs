@@ -440,3 +440,85 @@ async fn agent_restart_keeps_serving_and_later_changes_apply() {
     .await;
     db.wait_log("connection denied").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_intention_closes_a_live_connection_within_a_second() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("mesh up", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"up").await.then_some(())
+    })
+    .await;
+
+    let mut live = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    live.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    live.read_exact(&mut buf).await.unwrap();
+
+    // Time from sending the intention (and from the agent acknowledging it) to the close.
+    let sent = tokio::time::Instant::now();
+    mesh.agent.intention("web", "db", "deny").await;
+    let acknowledged = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
+    let closed = tokio::time::Instant::now();
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the live connection was closed: {end:?}"
+    );
+    let elapsed = closed - sent;
+    println!(
+        "deny intention -> live connection closed: {} ms after the PUT was sent, {} ms after the agent acknowledged it",
+        elapsed.as_millis(),
+        closed.saturating_duration_since(acknowledged).as_millis()
+    );
+    db.wait_log("closing a live connection that is no longer authorized")
+        .await;
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "closed {} ms after the intention was written (goal: < 1000 ms)",
+        elapsed.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_added_to_the_registration_becomes_reachable_without_a_restart() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let _db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+
+    // Consul refuses two identical upstreams; the same service named with its datacenter is a
+    // distinct upstream (and exercises the dc parameter).
+    let added = free_port();
+    let mut db_in_dc1 = upstream("db", added);
+    db_in_dc1["Datacenter"] = "dc1".into();
+    mesh.agent
+        .register(service_with_sidecar(
+            "web",
+            free_port(),
+            mesh.web_public,
+            vec![upstream("db", mesh.web_upstream), db_in_dc1],
+        ))
+        .await;
+    eventually("the added upstream listener serves", DEADLINE, || async {
+        echoes(added, b"added").await.then_some(())
+    })
+    .await;
+    assert!(
+        echoes(mesh.web_upstream, b"old").await,
+        "the existing upstream still serves"
+    );
+    web.wait_log("the proxy registration changed; reconciling")
+        .await;
+}

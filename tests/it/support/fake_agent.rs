@@ -42,6 +42,7 @@ struct Data {
     queries: HashMap<String, Value>,
     default_allow: bool,
     fault: Option<Fault>,
+    path_faults: Vec<(String, Fault)>,
     requests: Vec<String>,
 }
 
@@ -208,6 +209,13 @@ impl FakeAgent {
         self.update(|d, _| d.fault = fault);
     }
 
+    /// Injects a fault into requests whose method and path start with `prefix`
+    /// (e.g. `POST /v1/agent/connect/authorize`).
+    pub fn set_path_fault(&self, prefix: &str, fault: Fault) {
+        let prefix = prefix.to_owned();
+        self.update(|d, _| d.path_faults.push((prefix, fault)));
+    }
+
     /// Moves the global index backwards (snapshot restore) and bumps every resource to it.
     pub fn reset_index(&self, to: u64) {
         let mut d = self.shared.data.lock().unwrap();
@@ -342,8 +350,13 @@ fn parse_wait(q: &HashMap<String, String>) -> Duration {
 /// Records the request and applies any fault. `Some(response)` short-circuits the handler.
 fn enter(shared: &Shared, what: String) -> Option<Response> {
     let mut d = shared.data.lock().unwrap();
+    let path_fault = d
+        .path_faults
+        .iter()
+        .find(|(p, _)| what.starts_with(p.as_str()))
+        .map(|(_, f)| f.clone());
     d.requests.push(what);
-    match d.fault.clone() {
+    match d.fault.clone().or(path_fault) {
         None => None,
         Some(Fault::Status(code, body)) => {
             Some((StatusCode::from_u16(code).unwrap(), body).into_response())
@@ -367,7 +380,9 @@ async fn block<T>(
             let d = shared.data.lock().unwrap();
             let cur = current(&d);
             match &cur {
-                Some((_, i)) if index == 0 || *i > index || d.fault.is_some() => return cur,
+                // Consul wakes blocked queries when its index goes backwards (snapshot restore
+                // abandons the state store), so a lower index answers at once too.
+                Some((_, i)) if index == 0 || *i != index || d.fault.is_some() => return cur,
                 None => return None,
                 _ => {}
             }

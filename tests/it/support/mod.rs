@@ -299,3 +299,8 @@ pub async fn exchange(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
         Err(_) => Err(std::io::Error::other("exchange timed out")),
     }
 }
+
+/// Whether a connection through `port` fails to echo a probe (closed, reset or refused).
+pub async fn refused(port: u16) -> bool {
+    !matches!(round_trip(port, b"probe").await, Ok(back) if back == b"probe")
+}

@@ -1,0 +1,386 @@
+//! Live enforcement and live reconfiguration, against the fake agent: changes apply to open
+//! connections and listeners without a restart, and only where they should.
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::fake_agent::{health_entry, intention_json, sidecar_json, upstream_json};
+use crate::support::mesh::Mesh;
+use crate::support::pki::{TestCa, TestLeaf};
+use crate::support::tls_client;
+use crate::support::{
+    DEADLINE, EchoServer, ProxyProcess, eventually, free_port, refused, round_trip,
+};
+
+/// An open mTLS connection to db's public port that echoes.
+struct Live(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl Live {
+    async fn open(port: u16, leaf: &TestLeaf) -> Self {
+        let mut l = Live(tls_client::connect(port, Some(leaf)).await.unwrap());
+        assert!(l.echoes().await, "a fresh connection echoes");
+        l
+    }
+
+    /// Whether one exchange still works.
+    async fn echoes(&mut self) -> bool {
+        if self.0.write_all(b"ping").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 4];
+        matches!(
+            tokio::time::timeout(DEADLINE, self.0.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Waits until the proxy closes it (EOF or error on read).
+    async fn wait_closed(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(DEADLINE, self.0.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("connection still open after {DEADLINE:?}"),
+            }
+        }
+    }
+}
+
+async fn metrics(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intention_change_closes_exactly_the_connections_it_now_denies() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_intentions(
+        "db",
+        vec![
+            intention_json("web", "db", "allow", 9),
+            intention_json("api", "db", "allow", 9),
+        ],
+    );
+    let admin = free_port();
+    let db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    let mut web = Live::open(mesh.db_public, &mesh.ca.leaf("web", "dc1")).await;
+    let mut api = Live::open(mesh.db_public, &mesh.ca.leaf("api", "dc1")).await;
+
+    mesh.agent.set_intentions(
+        "db",
+        vec![
+            intention_json("web", "db", "allow", 9),
+            intention_json("api", "db", "deny", 9),
+        ],
+    );
+    api.wait_closed().await;
+    assert!(
+        web.echoes().await,
+        "the still-allowed connection is untouched"
+    );
+    db.wait_log("closing a live connection that is no longer authorized")
+        .await;
+    let logs = db.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("no longer authorized"))
+        .unwrap();
+    assert!(
+        line.contains("svc/api") && line.contains("destination=db"),
+        "{line}"
+    );
+    assert!(
+        line.contains("default/api => default/db"),
+        "names the deciding intention: {line}"
+    );
+    assert!(
+        !logs.contains("svc/web destination=db"),
+        "web was not closed"
+    );
+    let m = metrics(admin).await;
+    assert!(
+        m.contains("consul_proxy_inbound_closed_total{reason=\"reauthorization\"} 1\n"),
+        "{m}"
+    );
+    assert!(m.contains("consul_proxy_inbound_active 1\n"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_deny_closes_every_matching_connection_through_the_mesh() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    let mut through_mesh = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    through_mesh.write_all(b"hi").await.unwrap();
+    let mut b = [0u8; 2];
+    through_mesh.read_exact(&mut b).await.unwrap();
+
+    mesh.agent
+        .set_intentions("db", vec![intention_json("*", "db", "deny", 8)]);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, through_mesh.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_lifetime_closes_connections() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db_with(&["-max-conn-lifetime", "300ms"]).await;
+    let mut c = Live::open(mesh.db_public, &mesh.ca.leaf("web", "dc1")).await;
+    c.wait_closed().await;
+    db.wait_log("connection reached its maximum lifetime").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifetime_and_periodic_reauthorization_come_from_proxy_config_too() {
+    let mesh =
+        Mesh::with_db_config(json!({"max_conn_lifetime_ms": 300, "reauthorize_interval_ms": 100}))
+            .await;
+    // The registration's keys override the flags.
+    let db = mesh.start_db_with(&["-max-conn-lifetime", "1h"]).await;
+    let mut c = Live::open(mesh.db_public, &mesh.ca.leaf("web", "dc1")).await;
+    db.wait_log("periodic re-authorization").await;
+    c.wait_closed().await;
+    db.wait_log("connection reached its maximum lifetime").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_root_closes_connections_anchored_in_it_only() {
+    let mesh = Mesh::new().await;
+    let ca2 = TestCa::new("11111111-2222-3333-4444-555555555555");
+    mesh.agent.set_roots(TestCa::roots_json(&[&mesh.ca, &ca2]));
+    let db = mesh.start_db().await;
+    let mut old = Live::open(mesh.db_public, &mesh.ca.leaf("web", "dc1")).await;
+    let mut new = Live::open(mesh.db_public, &ca2.leaf("web", "dc1")).await;
+
+    // A rotation that only adds a root closes nothing.
+    let ca3 = TestCa::new("11111111-2222-3333-4444-555555555555");
+    mesh.agent
+        .set_roots(TestCa::roots_json(&[&mesh.ca, &ca2, &ca3]));
+    eventually("the added root is loaded", DEADLINE, || {
+        let loaded = db.logs().matches("TLS configuration loaded").count();
+        async move { (loaded >= 2).then_some(()) }
+    })
+    .await;
+    assert!(old.echoes().await && new.echoes().await);
+
+    mesh.agent.set_roots(TestCa::roots_json(&[&ca2, &ca3]));
+    old.wait_closed().await;
+    assert!(
+        new.echoes().await,
+        "the connection anchored in a kept root is untouched"
+    );
+    db.wait_log("certificate chain is no longer trusted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = ProxyProcess::start(&[
+        "-http-addr",
+        &mesh.agent.addr(),
+        "-proxy-id",
+        "web-sidecar-proxy",
+        "-drain-timeout",
+        "1h",
+    ])
+    .await;
+    // A connection on the listener that will stay.
+    let mut kept = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    kept.write_all(b"k").await.unwrap();
+    let mut b = [0u8; 1];
+    kept.read_exact(&mut b).await.unwrap();
+
+    // Add a second listener for db.
+    let (second, moved) = (free_port(), free_port());
+    let register = |ports: &[u16]| {
+        let ups = ports.iter().map(|p| upstream_json("db", *p)).collect();
+        mesh.agent.set_service(sidecar_json(
+            "web-sidecar-proxy",
+            "web",
+            mesh.web_public,
+            1,
+            ups,
+            json!({}),
+        ));
+    };
+    register(&[mesh.web_upstream, second]);
+    eventually("the added upstream serves", DEADLINE, || async {
+        round_trip(second, b"new")
+            .await
+            .ok()
+            .filter(|b| b == b"new")
+            .map(|_| ())
+    })
+    .await;
+
+    // Hold a connection on it, then move it: the old port stops accepting, its open connection
+    // drains (the drain timeout is long here), the new port serves.
+    let mut on_second = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
+    on_second.write_all(b"s").await.unwrap();
+    on_second.read_exact(&mut b).await.unwrap();
+    register(&[mesh.web_upstream, moved]);
+    eventually(
+        "the moved upstream serves on its new port",
+        DEADLINE,
+        || async {
+            round_trip(moved, b"moved")
+                .await
+                .ok()
+                .filter(|b| b == b"moved")
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually("the old port no longer accepts", DEADLINE, || async {
+        TcpStream::connect(("127.0.0.1", second))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    on_second.write_all(b"d").await.unwrap();
+    on_second.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"d", "a connection of a removed listener drains");
+
+    // The untouched listener kept its connection throughout.
+    kept.write_all(b"z").await.unwrap();
+    kept.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"z");
+    let logs = web.logs();
+    assert_eq!(
+        logs.matches("upstream listener ready addr=127.0.0.1:")
+            .count(),
+        3,
+        "{logs}"
+    );
+    assert!(!logs.contains(&format!(
+        "StopUpstream(Tcp(127.0.0.1:{}))",
+        mesh.web_upstream
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_retargeted_to_another_service_follows_it() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    // "cache" is served by db's sidecar too (same identity check does not apply: we expect
+    // "cache" and db presents "db"), so retargeting must make connections fail.
+    mesh.agent
+        .set_health("cache", vec![health_entry("cache", mesh.db_public, "dc1")]);
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        vec![upstream_json("cache", mesh.web_upstream)],
+        json!({}),
+    ));
+    eventually(
+        "the listener now targets cache and refuses db's identity",
+        DEADLINE,
+        || async { refused(mesh.web_upstream).await.then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_moves_and_the_local_app_switches_live() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    let mut old_conn = Live::open(mesh.db_public, &web_leaf).await;
+
+    // New local app for new connections; the open one stays on the old app.
+    let echo2 = EchoServer::start().await;
+    mesh.agent.set_service(sidecar_json(
+        "db-sidecar-proxy",
+        "db",
+        mesh.db_public,
+        echo2.port,
+        vec![],
+        json!({}),
+    ));
+    eventually("new connections reach the new app", DEADLINE, || async {
+        let _ = Live::open(mesh.db_public, &web_leaf).await;
+        (echo2.accepted() >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        old_conn.echoes().await,
+        "the open connection still reaches the old app"
+    );
+    let (old_app, new_app) = (mesh.echo.accepted(), echo2.accepted());
+    let _ = Live::open(mesh.db_public, &web_leaf).await;
+    assert_eq!(
+        (mesh.echo.accepted(), echo2.accepted()),
+        (old_app, new_app + 1),
+        "new connections use the new app"
+    );
+
+    // Move the public port.
+    let new_port = free_port();
+    mesh.agent.set_service(sidecar_json(
+        "db-sidecar-proxy",
+        "db",
+        new_port,
+        echo2.port,
+        vec![],
+        json!({}),
+    ));
+    eventually(
+        "the public listener serves on its new port",
+        DEADLINE,
+        || async {
+            tls_client::connect(new_port, Some(&web_leaf))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually("and no longer on the old one", DEADLINE, || async {
+        TcpStream::connect(("127.0.0.1", mesh.db_public))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    db.wait_log("reconfiguring").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_that_goes_backwards_is_followed() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
+    // Snapshot restore: every index drops; the proxies must re-read, then keep following.
+    mesh.agent.reset_index(3);
+    mesh.agent
+        .set_intentions("db", vec![intention_json("web", "db", "deny", 9)]);
+    eventually(
+        "a change after the index reset applies",
+        DEADLINE,
+        || async { refused(mesh.web_upstream).await.then_some(()) },
+    )
+    .await;
+    db.wait_log("connection denied").await;
+}
