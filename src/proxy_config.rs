@@ -181,8 +181,17 @@ impl ProxyConfig {
             Some(p) => p,
             None => svc.port,
         };
+        let local = local_app(proxy)?;
         let public = if bind_port == 0 {
             notes.push("no public port: inbound listener disabled".to_owned());
+            None
+        } else if local.is_none() {
+            // Consul requires a port on every connect-proxy, also for services that only call
+            // others; with no local service there is nothing to forward inbound traffic to.
+            notes.push(
+                "no local service (LocalServicePort 0, no socket path): inbound listener disabled"
+                    .to_owned(),
+            );
             None
         } else {
             let bind_ip = match opt_str(cfg, "bind_address")? {
@@ -192,7 +201,8 @@ impl ProxyConfig {
             };
             Some(PublicListener {
                 bind: SocketAddr::new(bind_ip, bind_port),
-                local_app: local_app(proxy)?,
+                // Invariant: the branch above handles `None`.
+                local_app: local.expect("local app checked above"),
                 handshake_timeout: duration_ms(
                     cfg,
                     "handshake_timeout_ms",
@@ -237,36 +247,37 @@ impl ProxyConfig {
     }
 }
 
-fn local_app(proxy: &api::AgentProxy) -> Result<LocalApp, String> {
+/// The local app, or `None` when the registration names none.
+fn local_app(proxy: &api::AgentProxy) -> Result<Option<LocalApp>, String> {
     if let Some(raw) = opt_str(&proxy.config, "local_service_address")? {
         return match split_host_port(raw) {
-            Some((host, port)) => Ok(LocalApp::Tcp { host, port }),
-            None if proxy.local_service_port != 0 => Ok(LocalApp::Tcp {
+            Some((host, port)) => Ok(Some(LocalApp::Tcp { host, port })),
+            None if proxy.local_service_port != 0 => Ok(Some(LocalApp::Tcp {
                 host: raw.trim_matches(|c| c == '[' || c == ']').to_owned(),
                 port: proxy.local_service_port,
-            }),
+            })),
             None => Err(format!(
                 "Proxy.Config.local_service_address {raw:?} has no port and LocalServicePort is unset"
             )),
         };
     }
     if !proxy.local_service_socket_path.is_empty() {
-        return Ok(LocalApp::Unix(PathBuf::from(
+        return Ok(Some(LocalApp::Unix(PathBuf::from(
             &proxy.local_service_socket_path,
-        )));
+        ))));
     }
     if proxy.local_service_port == 0 {
-        return Err("no local service: LocalServicePort is 0 and no socket path is set".into());
+        return Ok(None);
     }
     let host = if proxy.local_service_address.is_empty() {
         "127.0.0.1".to_owned()
     } else {
         proxy.local_service_address.clone()
     };
-    Ok(LocalApp::Tcp {
+    Ok(Some(LocalApp::Tcp {
         host,
         port: proxy.local_service_port,
-    })
+    }))
 }
 
 fn upstream(u: &api::Upstream, notes: &mut Vec<String>) -> Result<Option<UpstreamSpec>, String> {
@@ -535,6 +546,21 @@ mod tests {
     }
 
     #[test]
+    fn no_local_service_means_no_public_listener() {
+        // Consul requires a port even on the sidecar of a service that only calls others.
+        let mut j = sidecar();
+        j["Proxy"]["LocalServicePort"] = 0.into();
+        let c = ProxyConfig::from_api(&registration(j), &Defaults::default()).unwrap();
+        assert!(c.config.public.is_none());
+        assert_eq!(c.config.upstreams.len(), 2, "upstreams still served");
+        assert!(
+            c.notes.iter().any(|n| n.contains("no local service")),
+            "{:?}",
+            c.notes
+        );
+    }
+
+    #[test]
     fn port_zero_means_no_public_listener() {
         let mut j = sidecar();
         j["Port"] = 0.into();
@@ -579,10 +605,6 @@ mod tests {
             (
                 Box::new(|j| j["Proxy"]["Upstreams"][1]["LocalBindPort"] = 9191.into()),
                 "two listeners",
-            ),
-            (
-                Box::new(|j| j["Proxy"]["LocalServicePort"] = 0.into()),
-                "no local service",
             ),
         ];
         for (mutate, needle) in cases {
