@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::authorizer::Authorizer;
 use crate::conns::{Counted, Direction, NewConn, Registry};
 use crate::consul::watch::Subscriber;
-use crate::forward;
+use crate::forward::{self, ReadAhead};
 use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
@@ -47,7 +47,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let handshake = tokio::select! {
         _ = kill.cancelled() => return,
-        r = timeout(settings.handshake_timeout, acceptor.accept(stream)) => r,
+        r = timeout(settings.handshake_timeout, acceptor.accept(ReadAhead::new(stream))) => r,
     };
     let tls_stream = match handshake {
         Ok(Ok(s)) => s,

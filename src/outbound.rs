@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consul::watch::Subscriber;
 use crate::endpoints::{self, Endpoint, Endpoints};
-use crate::forward;
+use crate::forward::{self, ReadAhead};
 use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
@@ -125,7 +125,7 @@ async fn attempt(
     tls: &TlsConfigs,
     spec: &UpstreamSpec,
     policy: TrustDomainPolicy,
-) -> Result<TlsStream<TcpStream>, AttemptError> {
+) -> Result<TlsStream<ReadAhead<TcpStream>>, AttemptError> {
     let budget = spec.connect_timeout;
     let work = async {
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
@@ -139,7 +139,7 @@ async fn attempt(
                 .map_err(|e| AttemptError::Connect(std::io::Error::other(e)))?,
         };
         let stream = TlsConnector::from(tls.client.clone())
-            .connect(name, tcp)
+            .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(AttemptError::Handshake)?;
         check_server(&stream, ep, tls, policy)?;
@@ -151,7 +151,7 @@ async fn attempt(
 }
 
 fn check_server(
-    stream: &TlsStream<TcpStream>,
+    stream: &TlsStream<ReadAhead<TcpStream>>,
     ep: &Endpoint,
     tls: &TlsConfigs,
     policy: TrustDomainPolicy,
