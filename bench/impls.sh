@@ -27,7 +27,7 @@ _CP_AGENT="127.0.0.1:$_CP_HTTP_PORT"
 IMPLS_KNOWN+=" consul_builtin consul_proxy"
 IMPL_DESC_consul_proxy="consul-proxy $("$CONSUL_PROXY_BIN" -version 2>/dev/null | awk '{print $2}') (tokio, rustls), 1 process per side, config and certs from a consul agent"
 IMPL_TLS_consul_proxy=1
-# consul-proxy never resumes TLS sessions towards upstreams, so both http-close runs are full handshakes.
+# BENCH_TLS_RESUME=0 -> -tls-resumption off (consul-proxy resumes only with consul-proxy peers).
 IMPL_RESUME_KNOB_consul_proxy=1
 IMPL_DESC_consul_builtin="consul connect proxy $("$CONSUL_BIN" version 2>/dev/null | awk 'NR==1{print $2}') (Go), 1 process per side, agent API mode"
 IMPL_TLS_consul_builtin=1
@@ -112,14 +112,18 @@ _cp_register_web() { # LISTEN TARGET
                   \"Upstreams\":[{\"DestinationName\":\"db\",\"LocalBindAddress\":\"127.0.0.1\",\"LocalBindPort\":$1}]}}"
 }
 
+_cp_resumption() { if [[ ${BENCH_TLS_RESUME:-1} == 0 ]]; then echo off; else echo on; fi; }
+
 impl_consul_proxy_server_start() { # LISTEN TARGET CA CERT KEY WORKDIR
     _cp_agent_ensure "$3" && _cp_register_db "$1" "$2" || return 1
-    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id db-sidecar-proxy -log-level warn >"$6/consul-proxy-server.log" 2>&1 &
+    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id db-sidecar-proxy -log-level warn \
+        -tls-resumption "$(_cp_resumption)" >"$6/consul-proxy-server.log" 2>&1 &
     bench_track server $! consul-proxy-server
 }
 impl_consul_proxy_client_start() {
     _cp_agent_ensure "$3" && _cp_register_web "$1" "$2" || return 1
-    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id web-sidecar-proxy -log-level warn >"$6/consul-proxy-client.log" 2>&1 &
+    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id web-sidecar-proxy -log-level warn \
+        -tls-resumption "$(_cp_resumption)" >"$6/consul-proxy-client.log" 2>&1 &
     bench_track client $! consul-proxy-client
 }
 

@@ -146,7 +146,12 @@ async fn start(
         settings.clone(),
         background.clone(),
     );
-    let tls = crate::tls::spawn_builder(roots.clone(), leaf, background.clone());
+    let tls = crate::tls::spawn_builder(
+        roots.clone(),
+        leaf,
+        config.tls_resumption,
+        background.clone(),
+    );
     let authorizer = Authorizer::new(
         client.clone(),
         proxy.service.clone(),

@@ -119,6 +119,11 @@ pub struct Args {
     )]
     pub max_conn_lifetime: String,
 
+    /// TLS session resumption between consul-proxy instances (`on` or `off`). Only peers that
+    /// negotiate consul-proxy's ALPN protocol resume; others always do a full handshake.
+    #[arg(long = "tls-resumption", value_name = "on|off", default_value = "on")]
+    pub tls_resumption: String,
+
     /// Serve /ready, /metrics and /status on this address (plain HTTP; keep it on loopback).
     #[arg(long = "admin-addr", value_name = "HOST:PORT")]
     pub admin_addr: Option<String>,

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::UnixTime;
+use rustls::server::Acceptor;
 use tokio::sync::watch;
 use tokio::time::timeout;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
@@ -19,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{TlsConfigs, peer};
+use crate::tls::{MESH_ALPN, TlsConfigs, peer};
 
 /// What every inbound connection shares.
 pub struct InboundContext {
@@ -44,10 +45,24 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         tracing::warn!("no TLS configuration yet; closing");
         return;
     };
-    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let handshake = async {
+        // Look at the ClientHello first: consul-proxy peers (offering our ALPN protocol) get
+        // the configuration that may resume sessions; everyone else gets the plain one.
+        let start = LazyConfigAcceptor::new(Acceptor::default(), ReadAhead::new(stream)).await?;
+        let mesh_peer = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == MESH_ALPN));
+        let config = if mesh_peer {
+            &tls.server_mesh
+        } else {
+            &tls.server
+        };
+        start.into_stream(config.clone()).await
+    };
     let handshake = tokio::select! {
         _ = kill.cancelled() => return,
-        r = timeout(settings.handshake_timeout, acceptor.accept(ReadAhead::new(stream))) => r,
+        r = timeout(settings.handshake_timeout, handshake) => r,
     };
     let tls_stream = match handshake {
         Ok(Ok(s)) => s,
@@ -97,7 +112,8 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         ctx.metrics.inbound_denied.inc();
         return;
     }
-    tracing::debug!(source = %peer.id, reason = %decision.reason, "connection authorized");
+    let resumed = tls_stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tracing::debug!(source = %peer.id, reason = %decision.reason, resumed, "connection authorized");
 
     let dial = timeout(
         settings.local_connect_timeout,

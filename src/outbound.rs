@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{TlsConfigs, peer};
+use crate::tls::{MESH_ALPN, TlsConfigs, peer};
 
 /// What an upstream listener currently points at; replaced as a whole on reconfiguration.
 pub struct UpstreamTarget {
@@ -109,7 +109,8 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         return;
     };
     ctx.metrics.upstream_connected.inc();
-    tracing::debug!(endpoint = %ep.authority(), "upstream connected");
+    let resumed = remote.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
         r = forward::splice(&mut local, &mut remote) => match r {
@@ -139,9 +140,12 @@ async fn attempt(
                 .map_err(|e| AttemptError::Connect(std::io::Error::other(e)))?,
         };
         let stream = TlsConnector::from(tls.client.clone())
-            .connect(name, ReadAhead::new(tcp))
+            .connect(name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(AttemptError::Handshake)?;
+        if stream.get_ref().1.alpn_protocol() == Some(MESH_ALPN) {
+            tls.sessions.mark_peer(&name);
+        }
         check_server(&stream, ep, tls, policy)?;
         Ok(stream)
     };

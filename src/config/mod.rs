@@ -50,6 +50,8 @@ pub struct Config {
     pub defaults: Defaults,
     /// Where to serve the admin endpoint, if anywhere.
     pub admin_addr: Option<SocketAddr>,
+    /// TLS session resumption between consul-proxy peers.
+    pub tls_resumption: bool,
 }
 
 /// A configuration error: printed to the user as is, exit code 2.
@@ -167,6 +169,7 @@ impl Config {
             reauthorize_interval: optional("reauthorize-interval", &args.reauthorize_interval)?,
             max_conn_lifetime: optional("max-conn-lifetime", &args.max_conn_lifetime)?,
         };
+        let tls_resumption = on_off("tls-resumption", &args.tls_resumption)?;
         let admin_addr = match &args.admin_addr {
             None => None,
             Some(a) => Some(a.parse().map_err(|_| ConfigError::Flag {
@@ -189,7 +192,19 @@ impl Config {
             drain_timeout,
             defaults,
             admin_addr,
+            tls_resumption,
         })
+    }
+}
+
+fn on_off(flag: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(ConfigError::Flag {
+            flag,
+            reason: format!("{other:?}: expected on or off"),
+        }),
     }
 }
 
@@ -266,6 +281,7 @@ mod tests {
             "re-authorization timer and lifetime off"
         );
         assert_eq!(c.admin_addr, None);
+        assert!(c.tls_resumption);
         assert_eq!(c.log.filter, "warn,consul_proxy=info");
     }
 
@@ -398,6 +414,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("-admin-addr"), "{err}");
+    }
+
+    #[test]
+    fn tls_resumption_off() {
+        assert!(
+            !build(&["-proxy-id", "p", "-tls-resumption", "off"], &[])
+                .unwrap()
+                .tls_resumption
+        );
+        let err = build(&["-proxy-id", "p", "-tls-resumption", "maybe"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("-tls-resumption"), "{err}");
     }
 
     #[test]

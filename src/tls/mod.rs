@@ -5,6 +5,7 @@
 mod bundle;
 mod leaf;
 pub mod peer;
+mod resume;
 mod verify;
 
 use std::sync::{Arc, OnceLock};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use bundle::{TrustBundle, first_cert};
 pub use leaf::Leaf;
 pub use peer::{IdentityError, PeerIdentity};
+pub use resume::{MESH_ALPN, MeshSessions};
 pub use verify::{ConnectClientVerifier, ConnectServerVerifier, verify_client_chain};
 
 use crate::consul::watch::{Publisher, Subscriber};
@@ -38,27 +40,55 @@ pub fn install_crypto_provider() {
 /// One consistent set of TLS settings: both configs come from the same roots and leaf.
 #[derive(Clone, Debug)]
 pub struct TlsConfigs {
-    /// Inbound: presents our leaf, requires a client cert chained to the roots.
+    /// Inbound, for any client: presents our leaf, requires a client cert chained to the
+    /// roots; no ALPN, no session tickets.
     pub server: Arc<ServerConfig>,
-    /// Outbound: presents our leaf, verifies the server chain against the roots.
+    /// Inbound, for clients offering [`MESH_ALPN`] (other consul-proxy instances): the same,
+    /// selecting that protocol and issuing session tickets when resumption is on.
+    pub server_mesh: Arc<ServerConfig>,
+    /// Outbound: presents our leaf, verifies the server chain against the roots, offers
+    /// [`MESH_ALPN`] and resumes only with servers that selected it.
     pub client: Arc<ClientConfig>,
+    /// The client's session store, to mark servers that selected [`MESH_ALPN`].
+    pub sessions: Arc<MeshSessions>,
     /// The roots these configs trust.
     pub bundle: Arc<TrustBundle>,
     /// The leaf these configs present.
     pub leaf: Arc<Leaf>,
 }
 
+/// Tickets kept for resumption towards upstream peers.
+const CLIENT_SESSIONS: usize = 1024;
+
 impl TlsConfigs {
-    /// Builds both configs.
-    pub fn build(bundle: Arc<TrustBundle>, leaf: Arc<Leaf>) -> Result<Self, rustls::Error> {
+    /// Builds the configs. With `resumption` off, no ticket is issued or used. Every rebuild
+    /// (roots or leaf changed) starts with a new ticket key and an empty session store, so no
+    /// session outlives the trust it was established under.
+    pub fn build(
+        bundle: Arc<TrustBundle>,
+        leaf: Arc<Leaf>,
+        resumption: bool,
+    ) -> Result<Self, rustls::Error> {
         let provider = provider();
         let versions = &[&rustls::version::TLS13, &rustls::version::TLS12];
         let client_verifier =
             Arc::new(ConnectClientVerifier::new(bundle.clone(), provider.clone()));
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)?
             .with_client_cert_verifier(client_verifier)
             .with_cert_resolver(Arc::new(SingleCert(leaf.certified_key())));
+        let mut server_mesh = server.clone();
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server_mesh.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        server_mesh.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        if resumption {
+            server_mesh.ticketer = rustls::crypto::ring::Ticketer::new()?;
+            server_mesh.send_tls13_tickets = 1;
+        } else {
+            server_mesh.send_tls13_tickets = 0;
+        }
+
         let server_verifier =
             Arc::new(ConnectServerVerifier::new(bundle.clone(), provider.clone()));
         let mut client = ClientConfig::builder_with_provider(provider)
@@ -66,14 +96,18 @@ impl TlsConfigs {
             .dangerous()
             .with_custom_certificate_verifier(server_verifier)
             .with_client_cert_resolver(Arc::new(SingleCert(leaf.certified_key())));
-        // No session resumption towards upstreams: Consul's built-in proxy authorizes callers in
-        // the certificate-verification callback, which Go does not run on a resumed session, so
-        // resuming would let a caller keep a connection path that an intention now denies
-        // (shown by the real-Consul interop test).
-        client.resumption = rustls::client::Resumption::disabled();
+        client.alpn_protocols = vec![MESH_ALPN.to_vec()];
+        let sessions = Arc::new(MeshSessions::new(CLIENT_SESSIONS));
+        client.resumption = if resumption {
+            rustls::client::Resumption::store(sessions.clone())
+        } else {
+            rustls::client::Resumption::disabled()
+        };
         Ok(TlsConfigs {
             server: Arc::new(server),
+            server_mesh: Arc::new(server_mesh),
             client: Arc::new(client),
+            sessions,
             bundle,
             leaf,
         })
@@ -111,6 +145,7 @@ impl rustls::client::ResolvesClientCert for SingleCert {
 pub fn spawn_builder(
     mut roots: Subscriber<TrustBundle>,
     mut leaf: Subscriber<Leaf>,
+    resumption: bool,
     cancel: CancellationToken,
 ) -> Subscriber<TlsConfigs> {
     let (tx, rx): (Publisher<TlsConfigs>, _) = watch::channel(None);
@@ -121,7 +156,7 @@ pub fn spawn_builder(
                 leaf.borrow_and_update().clone(),
             );
             if let (Some(bundle), Some(leaf)) = pair {
-                match TlsConfigs::build(bundle.clone(), leaf.clone()) {
+                match TlsConfigs::build(bundle.clone(), leaf.clone(), resumption) {
                     Ok(configs) => {
                         tracing::info!(
                             leaf.serial = leaf.serial(),

@@ -10,6 +10,8 @@ mod mesh;
 mod inbound;
 // The upstream side: endpoint choice, server identity checks, prepared queries.
 mod outbound;
+// TLS session resumption: only between consul-proxy peers, never around authorization.
+mod resumption;
 // Certificate and root rotation without restarts.
 mod rotation;
 // The agent failing: down, unreachable at start, 403, 404, 500, garbage.

@@ -168,6 +168,8 @@ pub fn serial_of(der: &CertificateDer<'_>) -> String {
 pub struct TlsEchoServer {
     pub port: u16,
     pub handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Handshakes that resumed a session (this server issues tickets like any rustls server).
+    pub resumed: Arc<std::sync::atomic::AtomicUsize>,
     pub bytes_received: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -188,19 +190,23 @@ impl TlsEchoServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let bytes_received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (h, b) = (handshakes.clone(), bytes_received.clone());
+        let (h, b, res) = (handshakes.clone(), bytes_received.clone(), resumed.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, h, b) = (acceptor.clone(), h.clone(), b.clone());
+                let (acceptor, h, b, res) = (acceptor.clone(), h.clone(), b.clone(), res.clone());
                 tokio::spawn(async move {
                     let Ok(mut s) = acceptor.accept(tcp).await else {
                         return;
                     };
                     h.fetch_add(1, Ordering::SeqCst);
+                    if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        res.fetch_add(1, Ordering::SeqCst);
+                    }
                     let mut buf = [0u8; 16 * 1024];
                     loop {
                         match s.read(&mut buf).await {
@@ -220,6 +226,7 @@ impl TlsEchoServer {
         TlsEchoServer {
             port,
             handshakes,
+            resumed,
             bytes_received,
             task,
         }

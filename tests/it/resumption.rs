@@ -1,0 +1,86 @@
+//! TLS session resumption: between consul-proxy peers only, and never a way around
+//! authorization.
+
+use std::sync::atomic::Ordering;
+
+use crate::support::fake_agent::{health_entry, intention_json};
+use crate::support::mesh::Mesh;
+use crate::support::tls_client::TlsEchoServer;
+use crate::support::{DEADLINE, ProxyProcess, eventually, refused, round_trip};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_proxy_peers_resume_sessions() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    for i in 0..5u8 {
+        assert_eq!(
+            round_trip(mesh.web_upstream, &[i; 10]).await.unwrap(),
+            vec![i; 10]
+        );
+    }
+    web.wait_log("resumed=true").await;
+    db.wait_log("resumed=true").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumption_can_be_turned_off() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let args = mesh.args("web-sidecar-proxy");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["-tls-resumption", "off"]);
+    let web = ProxyProcess::start(&args).await;
+    for i in 0..5u8 {
+        assert_eq!(
+            round_trip(mesh.web_upstream, &[i; 10]).await.unwrap(),
+            vec![i; 10]
+        );
+    }
+    web.wait_log("upstream connected").await;
+    assert!(
+        !web.logs().contains("resumed=true"),
+        "no session was resumed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_is_still_authorized() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    for _ in 0..3 {
+        assert_eq!(round_trip(mesh.web_upstream, b"ok").await.unwrap(), b"ok");
+    }
+    web.wait_log("resumed=true").await;
+    mesh.agent
+        .set_intentions("db", vec![intention_json("web", "db", "deny", 9)]);
+    eventually("a resumed connection is denied too", DEADLINE, || async {
+        refused(mesh.web_upstream).await.then_some(())
+    })
+    .await;
+    db.wait_log("connection denied").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_resumption_with_servers_that_are_not_consul_proxy() {
+    // A rustls server that issues tickets but does not speak consul-proxy's ALPN protocol
+    // (like Consul's built-in proxy, which would skip authorization on a resumed session).
+    let mesh = Mesh::new().await;
+    let other = TlsEchoServer::start(&mesh.ca.leaf("db", "dc1")).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", other.port, "dc1")]);
+    let _web = mesh.start_web().await;
+    for i in 0..5u8 {
+        assert_eq!(
+            round_trip(mesh.web_upstream, &[i; 10]).await.unwrap(),
+            vec![i; 10]
+        );
+    }
+    assert_eq!(other.handshakes.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        other.resumed.load(Ordering::SeqCst),
+        0,
+        "every handshake was a full one"
+    );
+}
