@@ -20,7 +20,8 @@
 _CP_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONSUL_PROXY_BIN=${CONSUL_PROXY_BIN:-$_CP_REPO/target/release/consul-proxy}
 CONSUL_BIN=${CONSUL_BIN:-$(bash "$_CP_REPO/scripts/install-consul.sh" 2>/dev/null)}
-# The agent's ports sit inside the harness's range but away from its per-implementation ports.
+# The agent's ports sit inside the harness's range but away from its per-implementation ports;
+# consul-proxy's admin endpoints (metrics during a run) are at +6 (server side) and +7 (client).
 _CP_HTTP_PORT=$((${PORT_BASE:-20000} + 990))
 _CP_AGENT="127.0.0.1:$_CP_HTTP_PORT"
 
@@ -117,13 +118,15 @@ _cp_resumption() { if [[ ${BENCH_TLS_RESUME:-1} == 0 ]]; then echo off; else ech
 impl_consul_proxy_server_start() { # LISTEN TARGET CA CERT KEY WORKDIR
     _cp_agent_ensure "$3" && _cp_register_db "$1" "$2" || return 1
     "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id db-sidecar-proxy -log-level warn \
-        -tls-resumption "$(_cp_resumption)" >"$6/consul-proxy-server.log" 2>&1 &
+        -tls-resumption "$(_cp_resumption)" -admin-addr "127.0.0.1:$((_CP_HTTP_PORT + 6))" \
+        >"$6/consul-proxy-server.log" 2>&1 &
     bench_track server $! consul-proxy-server
 }
 impl_consul_proxy_client_start() {
     _cp_agent_ensure "$3" && _cp_register_web "$1" "$2" || return 1
     "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id web-sidecar-proxy -log-level warn \
-        -tls-resumption "$(_cp_resumption)" >"$6/consul-proxy-client.log" 2>&1 &
+        -tls-resumption "$(_cp_resumption)" -admin-addr "127.0.0.1:$((_CP_HTTP_PORT + 7))" \
+        >"$6/consul-proxy-client.log" 2>&1 &
     bench_track client $! consul-proxy-client
 }
 

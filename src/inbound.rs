@@ -83,6 +83,12 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         }
     };
     let verified_at = UnixTime::now();
+    let resumed = tls_stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed {
+        ctx.metrics.inbound_tls_resumed.inc();
+    } else {
+        ctx.metrics.inbound_tls_full.inc();
+    }
 
     let chain: Vec<_> = tls_stream
         .get_ref()
@@ -112,7 +118,6 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         ctx.metrics.inbound_denied.inc();
         return;
     }
-    let resumed = tls_stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     tracing::debug!(source = %peer.id, reason = %decision.reason, resumed, "connection authorized");
 
     let dial = timeout(

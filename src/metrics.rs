@@ -44,6 +44,14 @@ pub struct Metrics {
     pub upstream_failed: Counter,
     /// Upstream servers that presented the wrong identity.
     pub upstream_identity_mismatch: Counter,
+    /// Inbound TLS handshakes completed in full.
+    pub inbound_tls_full: Counter,
+    /// Inbound TLS handshakes that resumed a session.
+    pub inbound_tls_resumed: Counter,
+    /// Outbound TLS handshakes completed in full.
+    pub outbound_tls_full: Counter,
+    /// Outbound TLS handshakes that resumed a session.
+    pub outbound_tls_resumed: Counter,
 }
 
 impl Metrics {
@@ -101,6 +109,28 @@ impl Metrics {
                 ),
             ],
         );
+        counter(
+            "tls_handshakes_total",
+            "Completed TLS handshakes by side and kind (resumption happens only between consul-proxy peers).",
+            &[
+                (
+                    "{side=\"inbound\",kind=\"full\"}",
+                    self.inbound_tls_full.get(),
+                ),
+                (
+                    "{side=\"inbound\",kind=\"resumed\"}",
+                    self.inbound_tls_resumed.get(),
+                ),
+                (
+                    "{side=\"outbound\",kind=\"full\"}",
+                    self.outbound_tls_full.get(),
+                ),
+                (
+                    "{side=\"outbound\",kind=\"resumed\"}",
+                    self.outbound_tls_resumed.get(),
+                ),
+            ],
+        );
         let _ = writeln!(
             out,
             "# HELP consul_proxy_inbound_active Live inbound connections."
@@ -125,6 +155,13 @@ mod tests {
         assert!(text.contains("consul_proxy_inbound_connections_total{result=\"denied\"} 1\n"));
         assert!(text.contains("consul_proxy_inbound_closed_total{reason=\"reauthorization\"} 2\n"));
         assert!(text.contains("consul_proxy_inbound_active 3\n"));
+        m.outbound_tls_resumed.inc();
+        let text = m.render(0);
+        assert!(
+            text.contains(
+                "consul_proxy_tls_handshakes_total{side=\"outbound\",kind=\"resumed\"} 1\n"
+            )
+        );
         assert!(text.contains("# TYPE consul_proxy_inbound_active gauge\n"));
     }
 }

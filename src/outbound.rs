@@ -110,6 +110,11 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     };
     ctx.metrics.upstream_connected.inc();
     let resumed = remote.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    if resumed {
+        ctx.metrics.outbound_tls_resumed.inc();
+    } else {
+        ctx.metrics.outbound_tls_full.inc();
+    }
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
