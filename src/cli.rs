@@ -119,6 +119,12 @@ pub struct Args {
     )]
     pub max_conn_lifetime: String,
 
+    /// Worker threads. 1 (the default) runs everything on one thread, which measured best
+    /// for request/response traffic next to a busy app; more threads help bulk transfers on
+    /// idle cores (see BENCHMARKS.md).
+    #[arg(long = "threads", value_name = "N", default_value = "1")]
+    pub threads: String,
+
     /// TLS session resumption between consul-proxy instances (`on` or `off`). Only peers that
     /// negotiate consul-proxy's ALPN protocol resume; others always do a full handshake.
     #[arg(long = "tls-resumption", value_name = "on|off", default_value = "on")]

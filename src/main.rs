@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         eprintln!("consul-proxy: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(config.threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("consul-proxy: cannot start the runtime: {e}");
@@ -39,5 +39,19 @@ fn main() -> ExitCode {
             eprintln!("consul-proxy: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// One thread (the default) or a multi-threaded runtime with `threads` workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
     }
 }

@@ -52,6 +52,8 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     /// TLS session resumption between consul-proxy peers.
     pub tls_resumption: bool,
+    /// Runtime worker threads (1 = single-threaded).
+    pub threads: usize,
 }
 
 /// A configuration error: printed to the user as is, exit code 2.
@@ -170,6 +172,15 @@ impl Config {
             max_conn_lifetime: optional("max-conn-lifetime", &args.max_conn_lifetime)?,
         };
         let tls_resumption = on_off("tls-resumption", &args.tls_resumption)?;
+        let threads = match args.threads.parse::<usize>() {
+            Ok(n) if (1..=256).contains(&n) => n,
+            _ => {
+                return Err(ConfigError::Flag {
+                    flag: "threads",
+                    reason: format!("{:?}: expected a number from 1 to 256", args.threads),
+                });
+            }
+        };
         let admin_addr = match &args.admin_addr {
             None => None,
             Some(a) => Some(a.parse().map_err(|_| ConfigError::Flag {
@@ -193,6 +204,7 @@ impl Config {
             defaults,
             admin_addr,
             tls_resumption,
+            threads,
         })
     }
 }
@@ -282,6 +294,7 @@ mod tests {
         );
         assert_eq!(c.admin_addr, None);
         assert!(c.tls_resumption);
+        assert_eq!(c.threads, 1);
         assert_eq!(c.log.filter, "warn,consul_proxy=info");
     }
 
@@ -379,6 +392,7 @@ mod tests {
                 &[],
                 "expected trace",
             ),
+            (&["-proxy-id", "p", "-threads", "0"], &[], "-threads"),
         ];
         for (args, env, needle) in cases {
             let err = build(args, env).unwrap_err().to_string();
