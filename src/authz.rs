@@ -6,6 +6,7 @@
 //! the caller decides; an intention carrying L7 `Permissions` denies at L4; with no match the
 //! agent's default applies, and when that default is not known the answer is deny.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::consul::api;
@@ -25,6 +26,10 @@ pub enum DefaultPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Intentions {
     rules: Vec<Rule>,
+    /// Positions (ascending) of the rules naming an exact source service, by that name.
+    by_name: HashMap<String, Vec<usize>>,
+    /// Positions (ascending) of the rules whose source name is `*`.
+    wildcards: Vec<usize>,
 }
 
 /// One intention, reduced to what an L4 decision needs.
@@ -153,8 +158,23 @@ impl Intentions {
             .filter(|i| i.destination_name == "*" || i.destination_name == destination)
             .collect();
         list.sort_by_key(|i| std::cmp::Reverse(i.precedence));
+        let rules: Vec<Rule> = list.into_iter().map(Rule::from_api).collect();
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (pos, rule) in rules.iter().enumerate() {
+            if rule.source_name == "*" {
+                wildcards.push(pos);
+            } else {
+                by_name
+                    .entry(rule.source_name.clone())
+                    .or_default()
+                    .push(pos);
+            }
+        }
         Intentions {
-            rules: list.into_iter().map(Rule::from_api).collect(),
+            rules,
+            by_name,
+            wildcards,
         }
     }
 
@@ -168,9 +188,24 @@ impl Intentions {
         self.rules.is_empty()
     }
 
-    /// The first rule (in precedence order) whose source matches the caller.
+    /// The first rule (in precedence order) whose source matches the caller. Equivalent to
+    /// scanning the rules in order, without visiting the rules that name other services: the
+    /// answer is the earlier of the first matching rule naming the caller's service and the
+    /// first matching wildcard rule.
     pub fn first_match(&self, source: &SpiffeId) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.matches_source(source))
+        let first_in = |positions: &[usize]| {
+            positions
+                .iter()
+                .copied()
+                .find(|&p| self.rules[p].matches_source(source))
+        };
+        let named = self.by_name.get(source.service()).and_then(|p| first_in(p));
+        let wildcard = first_in(&self.wildcards);
+        let pos = match (named, wildcard) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(&self.rules[pos])
     }
 }
 
@@ -342,6 +377,33 @@ mod tests {
             authorize(&ixns, &caller("web"), Some(DefaultPolicy::Allow)).verdict,
             Verdict::Deny
         );
+    }
+
+    #[test]
+    fn indexed_lookup_agrees_with_a_linear_scan() {
+        // Every mix of exact and wildcard rules, namespaces and actions, in agent order.
+        let names = ["web", "api", "*", "db", "web"];
+        let mut list = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut it = intention(
+                name,
+                "db",
+                if i % 2 == 0 { "allow" } else { "deny" },
+                9 - i as u32,
+            );
+            if i == 1 {
+                it.source_ns = "other".into();
+            }
+            list.push(it);
+        }
+        let ixns = Intentions::from_api("db", list);
+        for svc in ["web", "api", "db", "cache", "*"] {
+            for ns in ["default", "other"] {
+                let id = SpiffeId::new("td.consul", "", ns, "dc1", svc);
+                let linear = ixns.rules.iter().find(|r| r.matches_source(&id));
+                assert_eq!(ixns.first_match(&id), linear, "{svc} in {ns}");
+            }
+        }
     }
 
     #[test]
