@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # consul-proxy's plug-in for the shared benchmark harness (../shared/bench): adds
-#   consul_proxy   - two consul-proxy processes (this repository's release build)
+#   consul_proxy   - two consul-proxy processes (this repository's release build), default
+#                    settings (one thread)
+#   consul_proxy_t2 - the same with -threads 2
 #   consul_builtin - two `consul connect proxy` processes, Consul's own proxy
 # both configured by one loopback-only `consul agent -dev` started on first use and tracked
 # as the harness's "backend" role (stopped by PID at the end of the run).
@@ -30,6 +32,10 @@ IMPL_DESC_consul_proxy="consul-proxy $("$CONSUL_PROXY_BIN" -version 2>/dev/null 
 IMPL_TLS_consul_proxy=1
 # BENCH_TLS_RESUME=0 -> -tls-resumption off (consul-proxy resumes only with consul-proxy peers).
 IMPL_RESUME_KNOB_consul_proxy=1
+IMPLS_KNOWN+=" consul_proxy_t2"
+IMPL_DESC_consul_proxy_t2="consul-proxy as consul_proxy, with -threads 2 (connections on 2 worker threads)"
+IMPL_TLS_consul_proxy_t2=1
+IMPL_RESUME_KNOB_consul_proxy_t2=1
 IMPL_DESC_consul_builtin="consul connect proxy $("$CONSUL_BIN" version 2>/dev/null | awk 'NR==1{print $2}') (Go), 1 process per side, agent API mode"
 IMPL_TLS_consul_builtin=1
 IMPL_RESUME_KNOB_consul_builtin=0
@@ -115,20 +121,26 @@ _cp_register_web() { # LISTEN TARGET
 
 _cp_resumption() { if [[ ${BENCH_TLS_RESUME:-1} == 0 ]]; then echo off; else echo on; fi; }
 
-impl_consul_proxy_server_start() { # LISTEN TARGET CA CERT KEY WORKDIR
-    _cp_agent_ensure "$3" && _cp_register_db "$1" "$2" || return 1
-    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id db-sidecar-proxy -log-level warn \
-        -tls-resumption "$(_cp_resumption)" -admin-addr "127.0.0.1:$((_CP_HTTP_PORT + 6))" \
-        >"$6/consul-proxy-server.log" 2>&1 &
-    bench_track server $! consul-proxy-server
+# SIDE(server|client) THREADS LISTEN TARGET CA CERT KEY WORKDIR
+_cp_start() {
+    local side=$1 threads=$2 admin id
+    shift 2
+    if [[ $side == server ]]; then
+        _cp_agent_ensure "$3" && _cp_register_db "$1" "$2" || return 1
+        id=db-sidecar-proxy admin=$((_CP_HTTP_PORT + 6))
+    else
+        _cp_agent_ensure "$3" && _cp_register_web "$1" "$2" || return 1
+        id=web-sidecar-proxy admin=$((_CP_HTTP_PORT + 7))
+    fi
+    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id "$id" -log-level warn -threads "$threads" \
+        -tls-resumption "$(_cp_resumption)" -admin-addr "127.0.0.1:$admin" \
+        >"$6/consul-proxy-$side.log" 2>&1 &
+    bench_track "$side" $! "consul-proxy-$side"
 }
-impl_consul_proxy_client_start() {
-    _cp_agent_ensure "$3" && _cp_register_web "$1" "$2" || return 1
-    "$CONSUL_PROXY_BIN" -http-addr "$_CP_AGENT" -proxy-id web-sidecar-proxy -log-level warn \
-        -tls-resumption "$(_cp_resumption)" -admin-addr "127.0.0.1:$((_CP_HTTP_PORT + 7))" \
-        >"$6/consul-proxy-client.log" 2>&1 &
-    bench_track client $! consul-proxy-client
-}
+impl_consul_proxy_server_start() { _cp_start server 1 "$@"; }
+impl_consul_proxy_client_start() { _cp_start client 1 "$@"; }
+impl_consul_proxy_t2_server_start() { _cp_start server 2 "$@"; }
+impl_consul_proxy_t2_client_start() { _cp_start client 2 "$@"; }
 
 # The built-in proxy opens its upstream listener before it has certificates; wait for its
 # "ready" line so the first measured connections do not fail for that reason.

@@ -51,11 +51,13 @@ pub enum AppError {
     },
 }
 
-/// Tuning that is not exposed as flags (tests shorten it).
+/// Tuning that is not exposed as flags (tests shorten it), and the worker runtimes.
 #[derive(Clone, Debug, Default)]
 pub struct Tuning {
     /// Blocking-query timing.
     pub watch: WatchSettings,
+    /// Worker runtimes for connections (`-threads` > 1); `None` runs them on this runtime.
+    pub workers: Option<Arc<crate::workers::Workers>>,
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains and returns.
@@ -196,6 +198,7 @@ async fn start(
         tracker: TaskTracker::new(),
         kill_all: CancellationToken::new(),
         background: background.clone(),
+        workers: tuning.workers.clone(),
     });
     let mut listeners = Listeners::new(shared.clone());
     listeners.start(&proxy, endpoints, endpoints_cancel).await?;

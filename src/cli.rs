@@ -119,9 +119,9 @@ pub struct Args {
     )]
     pub max_conn_lifetime: String,
 
-    /// Worker threads. 1 (the default) runs everything on one thread, which measured best
-    /// for request/response traffic next to a busy app; more threads help bulk transfers on
-    /// idle cores (see BENCHMARKS.md).
+    /// Threads for connections. 1 (the default) runs everything on one thread, which measured
+    /// best for request/response traffic next to a busy app; N > 1 gives connections N threads
+    /// of their own (each connection stays on one), for bulk transfers on idle cores.
     #[arg(long = "threads", value_name = "N", default_value = "1")]
     pub threads: String,
 

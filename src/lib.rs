@@ -22,6 +22,7 @@
 //! reconcile        desired listeners vs running ones: start, update, retire
 //! metrics, admin   counters; /ready, /metrics, /status
 //! net              local TCP/unix sockets, the accept loop
+//! workers          -threads N: connections handed to N single-threaded runtimes
 //! notify, signal, telemetry   systemd readiness, signals, logging
 //! ```
 //!
@@ -53,3 +54,4 @@ pub mod spiffe;
 pub mod telemetry;
 pub mod tls;
 pub mod watchers;
+pub mod workers;

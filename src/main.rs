@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use consul_proxy::app::{self, Tuning};
 use consul_proxy::cli::Args;
 use consul_proxy::config::Config;
+use consul_proxy::workers::Workers;
 use consul_proxy::{signal, telemetry};
 
 fn main() -> ExitCode {
@@ -21,37 +22,36 @@ fn main() -> ExitCode {
         eprintln!("consul-proxy: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match runtime(config.threads) {
+    // The control plane runs on this thread; with -threads N > 1, connections run on N
+    // worker threads of their own (see workers.rs).
+    let started = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| {
+            let workers = if config.threads > 1 {
+                Some(Workers::start(config.threads)?)
+            } else {
+                None
+            };
+            Ok((rt, workers))
+        });
+    let (runtime, workers) = match started {
         Ok(r) => r,
         Err(e) => {
             eprintln!("consul-proxy: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(app::run(
-        config,
-        Tuning::default(),
-        signal::shutdown_requested(),
-    )) {
+    let tuning = Tuning {
+        workers,
+        ..Tuning::default()
+    };
+    match runtime.block_on(app::run(config, tuning, signal::shutdown_requested())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "consul-proxy stopped");
             eprintln!("consul-proxy: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-/// One thread (the default) or a multi-threaded runtime with `threads` workers.
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
     }
 }

@@ -165,17 +165,48 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Accepts until `stop` fires, spawning `handle` for each connection on `tracker`, inside a
-/// `conn` span. Accept errors (EMFILE, ...) are logged and retried after a short pause; they
-/// never end the loop. The listener is dropped (closed) when the loop ends.
+/// A local stream detached from its runtime, to be handed to another one.
+#[derive(Debug)]
+pub enum StdStream {
+    /// TCP.
+    Tcp(std::net::TcpStream),
+    /// Unix socket.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Stream {
+    /// Detaches the socket from this runtime's reactor.
+    pub fn into_std(self) -> io::Result<StdStream> {
+        Ok(match self {
+            Stream::Tcp(s) => StdStream::Tcp(s.into_std()?),
+            Stream::Unix(s) => StdStream::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl StdStream {
+    /// Registers the socket with the current runtime (call it on the runtime that will use it).
+    pub fn into_tokio(self) -> io::Result<Stream> {
+        Ok(match self {
+            StdStream::Tcp(s) => Stream::Tcp(TcpStream::from_std(s)?),
+            StdStream::Unix(s) => Stream::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
+/// Accepts until `stop` fires, running `handle` for each connection on `tracker`, inside a
+/// `conn` span: on the current runtime, or, with `workers`, on the next worker runtime.
+/// Accept errors (EMFILE, ...) are logged and retried after a short pause; they never end the
+/// loop. The listener is dropped (closed) when the loop ends.
 pub async fn accept_loop<F, Fut>(
     listener: Listener,
     kind: &'static str,
     stop: tokio_util::sync::CancellationToken,
     tracker: tokio_util::task::TaskTracker,
-    mut handle: F,
+    workers: Option<std::sync::Arc<crate::workers::Workers>>,
+    handle: F,
 ) where
-    F: FnMut(Stream) -> Fut,
+    F: Fn(Stream) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tracing::Instrument;
@@ -195,7 +226,34 @@ pub async fn accept_loop<F, Fut>(
                     peer.addr = %peer,
                     peer.id = tracing::field::Empty
                 );
-                tracker.spawn(handle(stream).instrument(span));
+                match &workers {
+                    None => {
+                        tracker.spawn(handle(stream).instrument(span));
+                    }
+                    Some(workers) => {
+                        let std = match stream.into_std() {
+                            Ok(s) => s,
+                            Err(error) => {
+                                tracing::warn!(listener = kind, %error, "cannot hand a connection to a worker");
+                                continue;
+                            }
+                        };
+                        let handle = handle.clone();
+                        let work = async move {
+                            match std.into_tokio() {
+                                Ok(s) => handle(s).await,
+                                Err(error) => {
+                                    tracing::warn!(%error, "cannot register a connection on a worker")
+                                }
+                            }
+                        };
+                        let (index, worker) = workers.pick();
+                        span.in_scope(|| {
+                            tracing::trace!(worker = index, "connection handed to a worker thread")
+                        });
+                        worker.spawn(tracker.track_future(work.instrument(span)));
+                    }
+                }
             }
             Err(error) => {
                 tracing::warn!(listener = kind, %addr, %error, "accept failed; retrying");

@@ -102,6 +102,8 @@ pub struct Shared {
     pub kill_all: CancellationToken,
     /// Parent of every endpoint watch.
     pub background: CancellationToken,
+    /// Worker runtimes for connections (`-threads` > 1), or `None` to run them here.
+    pub workers: Option<Arc<crate::workers::Workers>>,
 }
 
 struct RunningPublic {
@@ -342,10 +344,11 @@ impl Listeners {
         handle: F,
     ) -> ListenerHandle
     where
-        F: Fn(net::Stream, CancellationToken) -> Fut + Send + 'static,
+        F: Fn(net::Stream, CancellationToken) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = CancellationToken::new();
+        let workers = self.shared.workers.clone();
         let kill = self.shared.kill_all.child_token();
         let conns = TaskTracker::new();
         let deadline = self.shared.drain_timeout;
@@ -353,9 +356,14 @@ impl Listeners {
         // The listener's whole life: accept until stopped, then let its own connections drain
         // for the drain timeout and cut the rest.
         self.shared.tracker.spawn(async move {
-            net::accept_loop(listener, kind, accept_stop, conns.clone(), move |s| {
-                handle(s, conn_kill.clone())
-            })
+            net::accept_loop(
+                listener,
+                kind,
+                accept_stop,
+                conns.clone(),
+                workers,
+                move |s| handle(s, conn_kill.clone()),
+            )
             .await;
             conns.close();
             if tokio::time::timeout(deadline, conns.wait()).await.is_err() {

@@ -39,7 +39,7 @@ impl Default for WatchSettings {
         WatchSettings {
             wait: Duration::from_secs(300),
             backoff_base: Duration::from_millis(500),
-            backoff_cap: Duration::from_secs(30),
+            backoff_cap: Duration::from_secs(10),
             burst: 3,
             refill: Duration::from_millis(250),
         }

@@ -78,3 +78,58 @@ async fn sidecar_for_with_two_candidates_names_both() {
     assert!(logs.contains("more than one sidecar proxy"), "{logs}");
     assert!(logs.contains("db-sidecar-2, db-sidecar-proxy"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_carry_traffic_enforce_and_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mesh = Mesh::new().await;
+    let db = mesh
+        .start_db_with(&["-threads", "2", "-log-level", "consul_proxy=trace"])
+        .await;
+    let args = mesh.args("web-sidecar-proxy");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["-threads", "3"]);
+    let mut web = ProxyProcess::start(&args).await;
+
+    let big = pattern(1 << 20, 5);
+    assert!(round_trip(mesh.web_upstream, &big).await.unwrap() == big);
+    for i in 0..20u8 {
+        assert_eq!(
+            round_trip(mesh.web_upstream, &[i; 64]).await.unwrap(),
+            vec![i; 64]
+        );
+    }
+
+    for worker in ["worker=0", "worker=1"] {
+        db.wait_log(worker).await;
+    }
+
+    // A live connection on a worker thread is closed by an intention change.
+    let mut live = tokio::net::TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    live.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    live.read_exact(&mut b).await.unwrap();
+    mesh.agent.set_intentions(
+        "db",
+        vec![crate::support::fake_agent::intention_json(
+            "web", "db", "deny", 9,
+        )],
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(crate::support::DEADLINE, live.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    db.wait_log("closing a live connection that is no longer authorized")
+        .await;
+
+    // SIGTERM drains the worker threads' connections and exits 0.
+    web.signal("TERM");
+    assert_eq!(
+        web.wait_exit(crate::support::DEADLINE).await.code(),
+        Some(0)
+    );
+}

@@ -423,8 +423,11 @@ async fn agent_restart_keeps_serving_and_later_changes_apply() {
     }
 
     mesh.agent.restart().await;
-    db.wait_log("agent watch recovered").await;
-    web.wait_log("agent watch recovered").await;
+    // Retries back off up to 10 s (jittered) while the agent is down, so allow for that.
+    db.wait_log_within("agent watch recovered", Duration::from_secs(60))
+        .await;
+    web.wait_log_within("agent watch recovered", Duration::from_secs(60))
+        .await;
     // The restarted agent re-runs the sidecar check before db is passing again.
     mesh.agent.wait_passing("db", 1).await;
     eventually("mesh up after the restart", DEADLINE, || async {

@@ -179,12 +179,17 @@ impl ProxyProcess {
 
     /// Waits until the log contains `needle`.
     pub async fn wait_log(&self, needle: &str) {
-        let end = tokio::time::Instant::now() + DEADLINE;
+        self.wait_log_within(needle, DEADLINE).await
+    }
+
+    /// Waits until the log contains `needle`, for up to `deadline`.
+    pub async fn wait_log_within(&self, needle: &str, deadline: Duration) {
+        let end = tokio::time::Instant::now() + deadline;
         let mut pause = Duration::from_millis(10);
         while !self.logs().contains(needle) {
             if tokio::time::Instant::now() >= end {
                 panic!(
-                    "no log line {needle:?} after {DEADLINE:?}; the log:\n{}",
+                    "no log line {needle:?} after {deadline:?}; the log:\n{}",
                     self.logs()
                 );
             }
