@@ -50,7 +50,9 @@ _cp_api() { # METHOD PATH [JSON]
 
 # Starts the agent once per run; its CA is the harness CA. CA_PEM comes from the start args.
 _cp_agent_ensure() { # CA_PEM
-    _cp_api GET /v1/status/leader 2>/dev/null | grep -q 127.0.0.1 && return 0
+    # (Outputs are captured before matching: under pipefail, grep -q closing a pipe early can
+    # turn a match into a failure.)
+    [[ $(_cp_api GET /v1/status/leader 2>/dev/null) == *127.0.0.1* ]] && return 0
     local ca=$1 wd="${RUN_DIR:-${TMPDIR:-/tmp}}/consul-agent" key="${1%.pem}.key" td
     td=$(openssl x509 -in "$ca" -noout -ext subjectAltName 2>/dev/null | grep -o 'spiffe://[^,]*' | head -1)
     td=${td#spiffe://}
@@ -87,7 +89,7 @@ EOF
     bench_track backend $! consul-agent
     local i
     for ((i = 0; i < 200; i++)); do
-        _cp_api GET /v1/agent/connect/ca/roots 2>/dev/null | grep -q "$(sed -n 2p "$ca")" && break
+        [[ $(_cp_api GET /v1/agent/connect/ca/roots 2>/dev/null) == *"$(sed -n 2p "$ca")"* ]] && break
         sleep 0.1
     done
     ((i < 200)) || { bench_log "consul agent did not come up with the harness CA (see $wd/consul.log)"; return 1; }

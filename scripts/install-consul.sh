@@ -22,7 +22,9 @@ BIN="$DEST/consul"
 
 log() { printf 'install-consul: %s\n' "$*" >&2; }
 
-if [ -x "$BIN" ] && "$BIN" version 2>/dev/null | grep -q "^Consul ${CONSUL_VERSION}\$"; then
+# Capture the version first: `grep -q` closing the pipe early would SIGPIPE consul, and under
+# pipefail that would look like a missing binary and trigger a rebuild.
+if [ -x "$BIN" ] && [[ $("$BIN" version 2>/dev/null) == "Consul ${CONSUL_VERSION}"$'\n'* ]]; then
     echo "$BIN"
     exit 0
 fi
@@ -85,5 +87,6 @@ log "building (a cold build takes several minutes)"
 # Go 1.26 builds v1.14.11 as is: no linkname override or module upgrade was needed.
 go build -trimpath -o "$work/consul" github.com/hashicorp/consul
 mv "$work/consul" "$BIN"
-log "built $("$BIN" version | head -1) in $(( $(date +%s) - start ))s"
+built=$("$BIN" version)
+log "built ${built%%$'\n'*} in $(( $(date +%s) - start ))s"
 echo "$BIN"
