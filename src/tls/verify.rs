@@ -82,17 +82,74 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
     rustls::Error::InvalidCertificate(ce)
 }
 
-/// Inbound: requires a client certificate chained to the Connect roots (client-auth usage).
+/// What both verifiers share: the roots, and the provider's signature algorithms.
 #[derive(Debug)]
-pub struct ConnectClientVerifier {
+struct ConnectChain {
     bundle: Arc<TrustBundle>,
     provider: Arc<CryptoProvider>,
 }
 
+impl ConnectChain {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        verify_chain(
+            &self.bundle,
+            &self.provider,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+        )
+    }
+
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Inbound: requires a client certificate chained to the Connect roots (client-auth usage).
+#[derive(Debug)]
+pub struct ConnectClientVerifier(ConnectChain);
+
 impl ConnectClientVerifier {
     /// A verifier over this bundle.
     pub fn new(bundle: Arc<TrustBundle>, provider: Arc<CryptoProvider>) -> Self {
-        ConnectClientVerifier { bundle, provider }
+        ConnectClientVerifier(ConnectChain { bundle, provider })
     }
 }
 
@@ -111,14 +168,8 @@ impl ClientCertVerifier for ConnectClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_chain(
-            &self.bundle,
-            &self.provider,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::client_auth(),
-        )?;
+        self.0
+            .verify(end_entity, intermediates, now, KeyUsage::client_auth())?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -128,12 +179,7 @@ impl ClientCertVerifier for ConnectClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -142,33 +188,23 @@ impl ClientCertVerifier for ConnectClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.schemes()
     }
 }
 
 /// Outbound: requires the server's chain to end in a Connect root (server-auth usage). The
 /// server name is ignored; the expected SPIFFE ID is checked after the handshake.
 #[derive(Debug)]
-pub struct ConnectServerVerifier {
-    bundle: Arc<TrustBundle>,
-    provider: Arc<CryptoProvider>,
-}
+pub struct ConnectServerVerifier(ConnectChain);
 
 impl ConnectServerVerifier {
     /// A verifier over this bundle.
     pub fn new(bundle: Arc<TrustBundle>, provider: Arc<CryptoProvider>) -> Self {
-        ConnectServerVerifier { bundle, provider }
+        ConnectServerVerifier(ConnectChain { bundle, provider })
     }
 }
 
@@ -181,14 +217,8 @@ impl ServerCertVerifier for ConnectServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verify_chain(
-            &self.bundle,
-            &self.provider,
-            end_entity,
-            intermediates,
-            now,
-            KeyUsage::server_auth(),
-        )?;
+        self.0
+            .verify(end_entity, intermediates, now, KeyUsage::server_auth())?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -198,12 +228,7 @@ impl ServerCertVerifier for ConnectServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -212,17 +237,10 @@ impl ServerCertVerifier for ConnectServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.schemes()
     }
 }
