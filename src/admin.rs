@@ -115,8 +115,8 @@ fn status_json(state: &AdminState) -> String {
                 "id": c.id,
                 "source": c.source.to_string(),
                 "started_unix": c.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "bytes_in": c.bytes_in.load(Ordering::Relaxed),
-                "bytes_out": c.bytes_out.load(Ordering::Relaxed),
+                "bytes_in": c.bytes.a_to_b.load(Ordering::Relaxed),
+                "bytes_out": c.bytes.b_to_a.load(Ordering::Relaxed),
             })
         })
         .collect();

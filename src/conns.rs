@@ -2,21 +2,18 @@
 //! a handle to close each one. Used to re-check connections when intentions or roots change.
 //!
 //! The data path never takes a lock: byte counts are relaxed atomics on the connection's own
-//! entry. The registry's sharded map is touched twice per connection (insert, remove) and when
+//! entry, updated by the splice. The registry's sharded map is touched twice per connection (insert, remove) and when
 //! the enforcer takes a snapshot.
 
 use std::collections::HashMap;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use rustls::pki_types::{CertificateDer, UnixTime};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::forward::Counters;
 use crate::spiffe::SpiffeId;
 
 const SHARDS: usize = 16;
@@ -43,10 +40,8 @@ pub struct Conn {
     pub verified_at: UnixTime,
     /// Wall-clock start, for status output.
     pub started: SystemTime,
-    /// Bytes from the caller to the app so far.
-    pub bytes_in: AtomicU64,
-    /// Bytes from the app to the caller so far.
-    pub bytes_out: AtomicU64,
+    /// Bytes moved so far: `a_to_b` from the caller to the app, `b_to_a` back.
+    pub bytes: Counters,
     cancel: CancellationToken,
     close_reason: OnceLock<String>,
 }
@@ -96,8 +91,7 @@ impl Registry {
             chain: new.chain,
             verified_at: new.verified_at,
             started: SystemTime::now(),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
+            bytes: Counters::default(),
             cancel: CancellationToken::new(),
             close_reason: OnceLock::new(),
         });
@@ -168,88 +162,8 @@ impl Drop for Registration {
     }
 }
 
-/// Which counter of a [`Conn`] a [`Counted`] stream feeds.
-#[derive(Clone, Copy, Debug)]
-pub enum Direction {
-    /// Reads count as bytes in (caller to app).
-    In,
-    /// Reads count as bytes out (app to caller).
-    Out,
-}
-
-/// A stream wrapper that adds every byte read to its connection's counter.
-#[derive(Debug)]
-pub struct Counted<S> {
-    inner: S,
-    conn: Arc<Conn>,
-    direction: Direction,
-}
-
-impl<S> Counted<S> {
-    /// Counts reads from `inner` into `conn`.
-    pub fn new(inner: S, conn: Arc<Conn>, direction: Direction) -> Self {
-        Counted {
-            inner,
-            conn,
-            direction,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            let counter = match self.direction {
-                Direction::In => &self.conn.bytes_in,
-                Direction::Out => &self.conn.bytes_out,
-            };
-            counter.fetch_add(n, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
 
     fn new_conn(svc: &str) -> NewConn {
@@ -284,18 +198,5 @@ mod tests {
         reg.conn().close("second".into());
         waiter.await.unwrap();
         assert_eq!(reg.conn().close_reason(), Some("denied by intention"));
-    }
-
-    #[tokio::test]
-    async fn counted_streams_add_bytes_to_their_connection() {
-        let r = Registry::new();
-        let reg = r.register(new_conn("a"));
-        let (a, mut b) = tokio::io::duplex(64);
-        let mut counted = Counted::new(a, reg.conn().clone(), Direction::In);
-        b.write_all(b"hello").await.unwrap();
-        let mut buf = [0u8; 5];
-        counted.read_exact(&mut buf).await.unwrap();
-        assert_eq!(reg.conn().bytes_in.load(Ordering::Relaxed), 5);
-        assert_eq!(reg.conn().bytes_out.load(Ordering::Relaxed), 0);
     }
 }

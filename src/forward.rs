@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,9 +32,19 @@ pub struct Transferred {
     pub b_to_a: u64,
 }
 
+/// Live byte counts of a splice, readable while it runs (relaxed atomics: one add per batch).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// From the first stream to the second so far.
+    pub a_to_b: AtomicU64,
+    /// From the second stream to the first so far.
+    pub b_to_a: AtomicU64,
+}
+
 /// Copies both ways until both directions have seen EOF (each EOF is forwarded as a
-/// shutdown of the other side's write half) or an error occurs.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<Transferred>
+/// shutdown of the other side's write half) or an error occurs, adding the bytes moved to
+/// `counters` as it goes.
+pub async fn splice<A, B>(a: &mut A, b: &mut B, counters: &Counters) -> io::Result<Transferred>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -41,8 +52,8 @@ where
     let mut a_to_b = Pump::default();
     let mut b_to_a = Pump::default();
     poll_fn(|cx| {
-        let ab = a_to_b.poll(cx, &mut *a, &mut *b)?;
-        let ba = b_to_a.poll(cx, &mut *b, &mut *a)?;
+        let ab = a_to_b.poll(cx, &mut *a, &mut *b, &counters.a_to_b)?;
+        let ba = b_to_a.poll(cx, &mut *b, &mut *a, &counters.b_to_a)?;
         match (ab, ba) {
             (Poll::Ready(a_to_b), Poll::Ready(b_to_a)) => {
                 Poll::Ready(Ok(Transferred { a_to_b, b_to_a }))
@@ -68,7 +79,13 @@ struct Pump {
 }
 
 impl Pump {
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        counter: &AtomicU64,
+    ) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -96,7 +113,7 @@ impl Pump {
                 self.done = true;
                 return Poll::Ready(Ok(self.total));
             }
-            match self.read_and_write(cx, r, w)? {
+            match self.read_and_write(cx, r, w, counter)? {
                 Progress::Moved => continue,
                 Progress::Eof => {
                     self.read_done = true;
@@ -120,6 +137,7 @@ impl Pump {
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
+        counter: &AtomicU64,
     ) -> io::Result<Progress>
     where
         R: AsyncRead + Unpin + ?Sized,
@@ -151,6 +169,7 @@ impl Pump {
                 });
             }
             self.total += data.len() as u64;
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
             let mut off = 0;
             while off < data.len() {
                 match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
@@ -303,7 +322,10 @@ mod tests {
     async fn half_close_is_forwarded_and_the_other_direction_keeps_flowing() {
         let (mut client, mut proxy_a) = tokio::io::duplex(1024);
         let (mut proxy_b, mut server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move { splice(&mut proxy_a, &mut proxy_b).await });
+        let task =
+            tokio::spawn(
+                async move { splice(&mut proxy_a, &mut proxy_b, &Counters::default()).await },
+            );
 
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
@@ -335,7 +357,9 @@ mod tests {
         // Tiny pipes force partial writes and the backlog path; 1 MiB must arrive intact.
         let (mut client, mut proxy_a) = tokio::io::duplex(100);
         let (mut proxy_b, mut server) = tokio::io::duplex(100);
-        let task = tokio::spawn(async move { splice(&mut proxy_a, &mut proxy_b).await });
+        let counters = std::sync::Arc::new(Counters::default());
+        let live = counters.clone();
+        let task = tokio::spawn(async move { splice(&mut proxy_a, &mut proxy_b, &live).await });
         let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -350,6 +374,12 @@ mod tests {
         let _client = writer.await.unwrap();
         let t = task.await.unwrap().unwrap();
         assert_eq!(t.a_to_b, 1 << 20);
+        assert_eq!(
+            counters.a_to_b.load(Ordering::Relaxed),
+            1 << 20,
+            "live counter agrees"
+        );
+        assert_eq!(counters.b_to_a.load(Ordering::Relaxed), 0);
     }
 
     #[test]

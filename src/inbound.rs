@@ -13,7 +13,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
-use crate::conns::{Counted, Direction, NewConn, Registry};
+use crate::conns::{NewConn, Registry};
 use crate::consul::watch::Subscriber;
 use crate::forward::{self, ReadAhead};
 use crate::metrics::Metrics;
@@ -64,7 +64,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         _ = kill.cancelled() => return,
         r = timeout(settings.handshake_timeout, handshake) => r,
     };
-    let tls_stream = match handshake {
+    let mut tls_stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
             // Closed before finishing a handshake: typically a TCP health check.
@@ -124,7 +124,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         settings.local_connect_timeout,
         net::connect_local(&settings.local_app),
     );
-    let app = match dial.await {
+    let mut app = match dial.await {
         Ok(Ok(s)) => s,
         Ok(Err(error)) => {
             tracing::warn!(app = %settings.local_app, %error, "cannot reach the local app");
@@ -146,8 +146,6 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         verified_at,
     });
     let conn = registration.conn().clone();
-    let mut caller = Counted::new(tls_stream, conn.clone(), Direction::In);
-    let mut app = Counted::new(app, conn.clone(), Direction::Out);
     let lifetime = settings.max_conn_lifetime.map(jittered);
     let expire = async {
         match lifetime {
@@ -164,7 +162,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             tracing::info!(lifetime = ?lifetime, "connection reached its maximum lifetime; closing");
             ctx.metrics.closed_lifetime.inc();
         }
-        r = forward::splice(&mut caller, &mut app) => match r {
+        r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => match r {
             Ok(t) => tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed"),
             Err(error) => tracing::debug!(%error, "connection ended with an error"),
         },

@@ -116,9 +116,10 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         ctx.metrics.outbound_tls_full.inc();
     }
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
+    let counters = forward::Counters::default();
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
-        r = forward::splice(&mut local, &mut remote) => match r {
+        r = forward::splice(&mut local, &mut remote, &counters) => match r {
             Ok(t) => tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed"),
             Err(error) => tracing::debug!(%error, "connection ended with an error"),
         },
