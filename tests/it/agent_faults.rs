@@ -4,6 +4,7 @@ use tokio::net::TcpStream;
 
 use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
+use crate::support::open_echoing;
 use crate::support::{DEADLINE, ProxyProcess, refused, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -11,12 +12,8 @@ async fn agent_down_after_start_keeps_existing_and_new_connections_working() {
     let mesh = Mesh::new().await;
     let db = mesh.start_db().await;
     let web = mesh.start_web().await;
-    let mut open = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
-        .await
-        .unwrap();
-    open.write_all(b"one").await.unwrap();
+    let mut open = open_echoing(mesh.web_upstream).await;
     let mut buf = [0u8; 3];
-    open.read_exact(&mut buf).await.unwrap();
 
     mesh.agent.stop();
     web.wait_log("agent watch failing").await;

@@ -1,5 +1,6 @@
 use crate::support::mesh::Mesh;
 use crate::support::{ProxyProcess, pattern, round_trip};
+use crate::support::{open_echoing, wait_closed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_carry_1_mib_each_way_and_100_sequential_connections() {
@@ -81,16 +82,11 @@ async fn sidecar_for_with_two_candidates_names_both() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_carry_traffic_enforce_and_drain() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     let mesh = Mesh::new().await;
     let db = mesh
         .start_db_with(&["-threads", "2", "-log-level", "consul_proxy=trace"])
         .await;
-    let args = mesh.args("web-sidecar-proxy");
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.extend(["-threads", "3"]);
-    let mut web = ProxyProcess::start(&args).await;
+    let mut web = mesh.start_web_with(&["-threads", "3"]).await;
 
     let big = pattern(1 << 20, 5);
     assert!(round_trip(mesh.web_upstream, &big).await.unwrap() == big);
@@ -106,23 +102,14 @@ async fn worker_threads_carry_traffic_enforce_and_drain() {
     }
 
     // A live connection on a worker thread is closed by an intention change.
-    let mut live = tokio::net::TcpStream::connect(("127.0.0.1", mesh.web_upstream))
-        .await
-        .unwrap();
-    live.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    live.read_exact(&mut b).await.unwrap();
+    let mut live = open_echoing(mesh.web_upstream).await;
     mesh.agent.set_intentions(
         "db",
         vec![crate::support::fake_agent::intention_json(
             "web", "db", "deny", 9,
         )],
     );
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(crate::support::DEADLINE, live.read_to_end(&mut rest))
-        .await
-        .expect("closed");
-    assert!(matches!(n, Ok(0) | Err(_)));
+    wait_closed(&mut live).await;
     db.wait_log("closing a live connection that is no longer authorized")
         .await;
 

@@ -6,9 +6,7 @@ use crate::support::fake_agent::health_entry;
 use crate::support::mesh::Mesh;
 use crate::support::pki::TestCa;
 use crate::support::tls_client::TlsEchoServer;
-use crate::support::{
-    DEADLINE, ProxyProcess, closed_without_data, eventually, free_port, round_trip,
-};
+use crate::support::{DEADLINE, closed_without_data, eventually, free_port, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_presenting_another_service_is_refused_before_any_data() {
@@ -130,8 +128,7 @@ async fn prepared_query_upstream_reaches_the_query_result() {
     node["Service"]["Tags"] = serde_json::Value::Null;
     mesh.agent.set_query("db-query", "db", vec![node]);
     let _db = mesh.start_db().await;
-    let args = mesh.args("web-sidecar-proxy");
-    let _web = ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let _web = mesh.start_web().await;
     let back = tokio::time::timeout(DEADLINE, round_trip(port, b"via query"))
         .await
         .unwrap()

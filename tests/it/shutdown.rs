@@ -3,18 +3,15 @@ use tokio::net::TcpStream;
 
 use crate::support::mesh::Mesh;
 use crate::support::{DEADLINE, ProxyProcess, eventually};
+use crate::support::{open_echoing, wait_closed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
     let mesh = Mesh::new().await;
     let _db = mesh.start_db().await;
     let mut web = mesh.start_web().await;
-    let mut open = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
-        .await
-        .unwrap();
-    open.write_all(b"a").await.unwrap();
+    let mut open = open_echoing(mesh.web_upstream).await;
     let mut b = [0u8; 1];
-    open.read_exact(&mut b).await.unwrap();
 
     web.signal("TERM");
     web.wait_notify("STOPPING=1").await;
@@ -43,28 +40,13 @@ async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
 async fn drain_deadline_cuts_connections_and_still_exits_0() {
     let mesh = Mesh::new().await;
     let _db = mesh.start_db().await;
-    let args = mesh.args("web-sidecar-proxy");
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.extend(["-drain-timeout", "500ms"]);
-    let mut web = ProxyProcess::start(&args).await;
-    let mut open = TcpStream::connect(("127.0.0.1", mesh.web_upstream))
-        .await
-        .unwrap();
-    open.write_all(b"a").await.unwrap();
-    let mut b = [0u8; 1];
-    open.read_exact(&mut b).await.unwrap();
+    let mut web = mesh.start_web_with(&["-drain-timeout", "500ms"]).await;
+    let mut open = open_echoing(mesh.web_upstream).await;
 
     web.signal("TERM");
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
     assert!(web.logs().contains("drain deadline reached"));
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(
-        matches!(n, Ok(0) | Err(_)),
-        "the held connection was closed"
-    );
+    wait_closed(&mut open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,17 +75,23 @@ impl Mesh {
     }
 
     pub async fn start_web(&self) -> ProxyProcess {
-        let args = self.args("web-sidecar-proxy");
-        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+        self.start_web_with(&[]).await
+    }
+
+    pub async fn start_web_with(&self, extra: &[&str]) -> ProxyProcess {
+        self.start("web-sidecar-proxy", extra).await
     }
 
     pub async fn start_db(&self) -> ProxyProcess {
-        let args = self.args("db-sidecar-proxy");
-        ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+        self.start_db_with(&[]).await
     }
 
     pub async fn start_db_with(&self, extra: &[&str]) -> ProxyProcess {
-        let mut args = self.args("db-sidecar-proxy");
+        self.start("db-sidecar-proxy", extra).await
+    }
+
+    async fn start(&self, proxy_id: &str, extra: &[&str]) -> ProxyProcess {
+        let mut args = self.args(proxy_id);
         args.extend(extra.iter().map(|s| s.to_string()));
         ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }

@@ -309,3 +309,31 @@ pub async fn exchange(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
 pub async fn refused(port: u16) -> bool {
     !matches!(round_trip(port, b"probe").await, Ok(back) if back == b"probe")
 }
+
+/// A plain connection through `port` that has echoed one exchange.
+pub async fn open_echoing(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"?").await.unwrap();
+    let mut b = [0u8; 1];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+        .await
+        .expect("echo")
+        .unwrap();
+    assert_eq!(&b, b"?");
+    s
+}
+
+/// Waits until the other side closes `s` (EOF or reset); panics after the deadline.
+pub async fn wait_closed(s: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not closed before the deadline");
+    // A reset (Err) is a close too; an orderly close must not have delivered anything first.
+    if r.is_ok() {
+        assert!(
+            rest.is_empty(),
+            "unexpected data before the close: {rest:?}"
+        );
+    }
+}
