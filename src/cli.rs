@@ -130,6 +130,16 @@ pub struct Args {
     #[arg(long = "tls-resumption", value_name = "on|off", default_value = "on")]
     pub tls_resumption: String,
 
+    /// Close inbound connections that moved no byte either way for this long (0 = never).
+    /// `Proxy.Config.idle_timeout_ms` overrides it.
+    #[arg(long = "idle-timeout", value_name = "DURATION", default_value = "0")]
+    pub idle_timeout: String,
+
+    /// Refuse new inbound connections while this many are open (0 = no limit).
+    /// `Proxy.Config.max_inbound_connections` overrides it.
+    #[arg(long = "max-inbound-conns", value_name = "N", default_value = "0")]
+    pub max_inbound_conns: String,
+
     /// Serve /ready, /metrics and /status on this address (plain HTTP; keep it on loopback).
     #[arg(long = "admin-addr", value_name = "HOST:PORT")]
     pub admin_addr: Option<String>,

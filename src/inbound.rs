@@ -3,6 +3,7 @@
 //! forwarded connection is listed in the registry so that it can be re-checked and closed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::UnixTime;
@@ -36,11 +37,21 @@ pub struct InboundContext {
     pub registry: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Connections of this listener open right now, handshakes included.
+    pub active: AtomicUsize,
 }
 
 /// Handles one accepted connection; `kill` cuts it (shutdown after the drain deadline).
 pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: CancellationToken) {
     let settings = ctx.settings.borrow().clone();
+    let Some(_slot) = Slot::take(&ctx.active, settings.max_connections) else {
+        tracing::warn!(
+            limit = settings.max_connections,
+            "inbound connection limit reached; refusing"
+        );
+        ctx.metrics.inbound_over_limit.inc();
+        return;
+    };
     let Some(tls) = ctx.tls.borrow().clone() else {
         tracing::warn!("no TLS configuration yet; closing");
         return;
@@ -153,6 +164,12 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             None => std::future::pending().await,
         }
     };
+    let idle = async {
+        match settings.idle_timeout {
+            Some(d) => idle_for(&conn.bytes, d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
         _ = conn.closed() => {
@@ -162,10 +179,57 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             tracing::info!(lifetime = ?lifetime, "connection reached its maximum lifetime; closing");
             ctx.metrics.closed_lifetime.inc();
         }
+        _ = idle => {
+            tracing::info!(idle_timeout = ?settings.idle_timeout, "connection idle too long; closing");
+            ctx.metrics.closed_idle.inc();
+        }
         r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => match r {
             Ok(t) => tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed"),
             Err(error) => tracing::debug!(%error, "connection ended with an error"),
         },
+    }
+}
+
+/// One place under the listener's connection limit, given back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl<'a> Slot<'a> {
+    /// Takes a place unless `limit` connections are already open.
+    fn take(active: &'a AtomicUsize, limit: Option<usize>) -> Option<Self> {
+        let before = active.fetch_add(1, Ordering::AcqRel);
+        if limit.is_some_and(|max| before >= max) {
+            active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(active))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Resolves once no byte moved either way for `timeout` (checked every half timeout, so the
+/// close comes after between one and one and a half timeouts of silence).
+async fn idle_for(bytes: &forward::Counters, timeout: Duration) {
+    let moved = || bytes.a_to_b.load(Ordering::Relaxed) + bytes.b_to_a.load(Ordering::Relaxed);
+    let step = timeout / 2;
+    let mut last = moved();
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = moved();
+        if now == last {
+            quiet += step;
+            if quiet >= timeout {
+                return;
+            }
+        } else {
+            quiet = Duration::ZERO;
+            last = now;
+        }
     }
 }
 
@@ -178,6 +242,50 @@ pub fn jittered(lifetime: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_stop_at_the_limit_and_come_back() {
+        let active = AtomicUsize::new(0);
+        let a = Slot::take(&active, Some(2)).unwrap();
+        let _b = Slot::take(&active, Some(2)).unwrap();
+        assert!(Slot::take(&active, Some(2)).is_none());
+        assert_eq!(
+            active.load(Ordering::Relaxed),
+            2,
+            "a refused take gives its place back"
+        );
+        drop(a);
+        assert!(Slot::take(&active, Some(2)).is_some());
+        assert!(Slot::take(&active, None).is_some(), "no limit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_means_no_byte_either_way_for_the_whole_timeout() {
+        let bytes = forward::Counters::default();
+        let timeout = Duration::from_secs(10);
+        let start = tokio::time::Instant::now();
+        let traffic = async {
+            // Activity every 7 s for 21 s keeps it alive.
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(7)).await;
+                bytes.b_to_a.fetch_add(1, Ordering::Relaxed);
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = idle_for(&bytes, timeout) => {}
+            _ = traffic => unreachable!(),
+        }
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(21) + timeout,
+            "closed after {waited:?}"
+        );
+        assert!(
+            waited <= Duration::from_secs(21) + timeout + timeout / 2,
+            "closed after {waited:?}"
+        );
+    }
 
     #[test]
     fn lifetime_jitter_stays_within_ten_percent_below() {

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub closed_trust: Counter,
     /// Live connections closed at their maximum lifetime.
     pub closed_lifetime: Counter,
+    /// Live connections closed after the idle timeout.
+    pub closed_idle: Counter,
+    /// Inbound connections refused because the connection limit was reached.
+    pub inbound_over_limit: Counter,
     /// Upstream connections established.
     pub upstream_connected: Counter,
     /// Upstream connections that found no endpoint or exhausted their attempts.
@@ -83,6 +87,7 @@ impl Metrics {
                     "{result=\"app_unreachable\"}",
                     self.inbound_app_unreachable.get(),
                 ),
+                ("{result=\"over_limit\"}", self.inbound_over_limit.get()),
             ],
         );
         counter(
@@ -95,6 +100,7 @@ impl Metrics {
                 ),
                 ("{reason=\"trust\"}", self.closed_trust.get()),
                 ("{reason=\"lifetime\"}", self.closed_lifetime.get()),
+                ("{reason=\"idle\"}", self.closed_idle.get()),
             ],
         );
         counter(

@@ -32,6 +32,10 @@ pub struct Defaults {
     pub reauthorize_interval: Option<Duration>,
     /// `-max-conn-lifetime` (`max_conn_lifetime_ms`); `None` is off.
     pub max_conn_lifetime: Option<Duration>,
+    /// `-idle-timeout` (`idle_timeout_ms`); `None` is off.
+    pub idle_timeout: Option<Duration>,
+    /// `-max-inbound-conns` (`max_inbound_connections`); `None` is unlimited.
+    pub max_inbound_connections: Option<usize>,
 }
 
 /// The proxy configuration at one point in time.
@@ -65,6 +69,10 @@ pub struct PublicListener {
     pub local_connect_timeout: Duration,
     /// Close inbound connections after about this long (jittered down by up to 10%).
     pub max_conn_lifetime: Option<Duration>,
+    /// Close inbound connections that moved no byte either way for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Refuse new inbound connections while this many are open (handshakes included).
+    pub max_connections: Option<usize>,
 }
 
 /// The local application.
@@ -218,6 +226,12 @@ impl ProxyConfig {
                     "max_conn_lifetime_ms",
                     defaults.max_conn_lifetime,
                 )?,
+                idle_timeout: optional_ms(cfg, "idle_timeout_ms", defaults.idle_timeout)?,
+                max_connections: match opt_number(cfg, "max_inbound_connections")? {
+                    None => defaults.max_inbound_connections,
+                    Some(0.0) => None,
+                    Some(n) => Some(n as usize),
+                },
             })
         };
 
@@ -480,6 +494,38 @@ mod tests {
         assert_eq!(cfg.upstreams[1].datacenter.as_deref(), Some("dc2"));
         assert_eq!(cfg.upstreams[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(c.notes.iter().any(|n| n.contains("centrally configured")));
+    }
+
+    #[test]
+    fn limit_keys_override_the_flag_defaults() {
+        let defaults = Defaults {
+            reauthorize_interval: Some(Duration::from_secs(60)),
+            max_conn_lifetime: Some(Duration::from_secs(3600)),
+            idle_timeout: Some(Duration::from_secs(300)),
+            max_inbound_connections: Some(1000),
+        };
+        let cfg = ProxyConfig::from_api(&registration(sidecar()), &defaults)
+            .unwrap()
+            .config;
+        let public = cfg.public.clone().unwrap();
+        assert_eq!(cfg.reauthorize_interval, defaults.reauthorize_interval);
+        assert_eq!(public.max_conn_lifetime, defaults.max_conn_lifetime);
+        assert_eq!(public.idle_timeout, defaults.idle_timeout);
+        assert_eq!(public.max_connections, Some(1000));
+
+        let mut j = sidecar();
+        j["Proxy"]["Config"]["reauthorize_interval_ms"] = 0.into();
+        j["Proxy"]["Config"]["max_conn_lifetime_ms"] = 5000.into();
+        j["Proxy"]["Config"]["idle_timeout_ms"] = "0".into();
+        j["Proxy"]["Config"]["max_inbound_connections"] = 10.into();
+        let cfg = ProxyConfig::from_api(&registration(j), &defaults)
+            .unwrap()
+            .config;
+        let public = cfg.public.unwrap();
+        assert_eq!(cfg.reauthorize_interval, None, "0 turns it off");
+        assert_eq!(public.max_conn_lifetime, Some(Duration::from_secs(5)));
+        assert_eq!(public.idle_timeout, None);
+        assert_eq!(public.max_connections, Some(10));
     }
 
     #[test]

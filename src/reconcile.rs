@@ -294,6 +294,7 @@ impl Listeners {
             trust_domain: s.trust_domain,
             registry: s.registry.clone(),
             metrics: s.metrics.clone(),
+            active: Default::default(),
         });
         let handle = self.spawn_accept(listener, "inbound", move |stream, kill| {
             inbound::serve_conn(stream, ctx.clone(), kill)
@@ -406,6 +407,8 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             local_connect_timeout: Duration::from_secs(1),
             max_conn_lifetime: None,
+            idle_timeout: None,
+            max_connections: None,
         }
     }
 

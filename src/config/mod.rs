@@ -170,6 +170,17 @@ impl Config {
         let defaults = Defaults {
             reauthorize_interval: optional("reauthorize-interval", &args.reauthorize_interval)?,
             max_conn_lifetime: optional("max-conn-lifetime", &args.max_conn_lifetime)?,
+            idle_timeout: optional("idle-timeout", &args.idle_timeout)?,
+            max_inbound_connections: match args.max_inbound_conns.parse::<usize>() {
+                Ok(0) => None,
+                Ok(n) => Some(n),
+                Err(_) => {
+                    return Err(ConfigError::Flag {
+                        flag: "max-inbound-conns",
+                        reason: format!("{:?}: expected a number", args.max_inbound_conns),
+                    });
+                }
+            },
         };
         let tls_resumption = on_off("tls-resumption", &args.tls_resumption)?;
         let threads = match args.threads.parse::<usize>() {
@@ -424,6 +435,24 @@ mod tests {
             Some(Duration::from_secs(7200))
         );
         assert_eq!(c.admin_addr, Some("127.0.0.1:19000".parse().unwrap()));
+        let c = build(
+            &[
+                "-proxy-id",
+                "p",
+                "-idle-timeout",
+                "5m",
+                "-max-inbound-conns",
+                "100",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.defaults.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.defaults.max_inbound_connections, Some(100));
+        let err = build(&["-proxy-id", "p", "-max-inbound-conns", "lots"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("-max-inbound-conns"), "{err}");
         let err = build(&["-proxy-id", "p", "-admin-addr", "localhost"], &[])
             .unwrap_err()
             .to_string();

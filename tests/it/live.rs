@@ -374,3 +374,56 @@ async fn an_index_that_goes_backwards_is_followed() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db_with(&["-idle-timeout", "400ms"]).await;
+    let leaf = mesh.ca.leaf("web", "dc1");
+    let mut idle = Live::open(mesh.db_public, &leaf).await;
+    let mut busy = Live::open(mesh.db_public, &leaf).await;
+    // Keep one connection busy for well past the timeout while the other says nothing.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while tokio::time::Instant::now() < end {
+        assert!(busy.echoes().await, "a busy connection is never idle");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    idle.wait_closed().await;
+    assert!(busy.echoes().await);
+    db.wait_log("connection idle too long").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_connection_limit_refuses_extra_callers() {
+    let mesh = Mesh::with_db_config(json!({"max_inbound_connections": 2})).await;
+    let admin = free_port();
+    let db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    let leaf = mesh.ca.leaf("web", "dc1");
+    let first = Live::open(mesh.db_public, &leaf).await;
+    let mut second = Live::open(mesh.db_public, &leaf).await;
+    // Over the limit the proxy closes at once: the handshake or the first exchange fails.
+    let third = match tls_client::connect(mesh.db_public, Some(&leaf)).await {
+        Err(_) => false,
+        Ok(s) => Live(s).echoes().await,
+    };
+    assert!(!third, "over the limit");
+    db.wait_log("inbound connection limit reached").await;
+    assert!(second.echoes().await, "the open ones are untouched");
+    drop(first);
+    eventually("a place frees up", DEADLINE, || async {
+        let mut l = Live(
+            tls_client::connect(mesh.db_public, Some(&leaf))
+                .await
+                .ok()?,
+        );
+        l.echoes().await.then_some(())
+    })
+    .await;
+    assert!(
+        metrics(admin)
+            .await
+            .contains("consul_proxy_inbound_connections_total{result=\"over_limit\"} 1\n")
+    );
+}
