@@ -145,15 +145,21 @@ async fn attempt(
             Err(_) => ServerName::try_from(ep.host.clone())
                 .map_err(|e| AttemptError::Connect(std::io::Error::other(e)))?,
         };
-        let stream = TlsConnector::from(tls.client.clone())
-            .connect(name.clone(), ReadAhead::new(tcp))
+        let (config, tickets) = tls.clients.for_endpoint(&ep.authority());
+        let connected = TlsConnector::from(config)
+            .connect(name, ReadAhead::new(tcp))
             .await
-            .map_err(AttemptError::Handshake)?;
-        if stream.get_ref().1.alpn_protocol() == Some(MESH_ALPN) {
-            tls.sessions.mark_peer(&name);
+            .map_err(AttemptError::Handshake)
+            .and_then(|stream| check_server(&stream, ep, tls, policy).map(|()| stream));
+        // Tickets are kept for this endpoint only while its latest handshake was with a
+        // consul-proxy (our ALPN) that passed the identity check; anything else drops them.
+        // (A ticket arrives after the handshake, so this runs before any can be stored.)
+        if let Some(tickets) = tickets {
+            let mesh_peer =
+                matches!(&connected, Ok(s) if s.get_ref().1.alpn_protocol() == Some(MESH_ALPN));
+            tickets.record_handshake(mesh_peer);
         }
-        check_server(&stream, ep, tls, policy)?;
-        Ok(stream)
+        connected
     };
     timeout(budget, work)
         .await

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use bundle::{TrustBundle, first_cert};
 pub use leaf::Leaf;
 pub use peer::{IdentityError, PeerIdentity};
-pub use resume::{MESH_ALPN, MeshSessions};
+pub use resume::{ClientConfigs, EndpointTickets, MESH_ALPN};
 pub use verify::{ConnectClientVerifier, ConnectServerVerifier, verify_client_chain};
 
 use crate::consul::watch::{Publisher, Subscriber};
@@ -67,11 +67,9 @@ pub struct TlsConfigs {
     /// Inbound, for clients offering [`MESH_ALPN`] (other consul-proxy instances): the same,
     /// selecting that protocol and issuing session tickets when resumption is on.
     pub server_mesh: Arc<ServerConfig>,
-    /// Outbound: presents our leaf, verifies the server chain against the roots, offers
-    /// [`MESH_ALPN`] and resumes only with servers that selected it.
-    pub client: Arc<ClientConfig>,
-    /// The client's session store, to mark servers that selected [`MESH_ALPN`].
-    pub sessions: Arc<MeshSessions>,
+    /// Outbound, per endpoint: presents our leaf, verifies the server chain against the
+    /// roots, offers [`MESH_ALPN`] and resumes only with endpoints that selected it.
+    pub clients: Arc<ClientConfigs>,
     /// The roots these configs trust.
     pub bundle: Arc<TrustBundle>,
     /// The leaf these configs present.
@@ -117,17 +115,12 @@ impl TlsConfigs {
             .with_custom_certificate_verifier(server_verifier)
             .with_client_cert_resolver(Arc::new(SingleCert(leaf.certified_key())));
         client.alpn_protocols = vec![MESH_ALPN.to_vec()];
-        let sessions = Arc::new(MeshSessions::new());
-        client.resumption = if resumption {
-            rustls::client::Resumption::store(sessions.clone())
-        } else {
-            rustls::client::Resumption::disabled()
-        };
+        client.resumption = rustls::client::Resumption::disabled();
+        let clients = Arc::new(ClientConfigs::new(client, resumption));
         Ok(TlsConfigs {
             server: Arc::new(server),
             server_mesh: Arc::new(server_mesh),
-            client: Arc::new(client),
-            sessions,
+            clients,
             bundle,
             leaf,
         })

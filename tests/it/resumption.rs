@@ -80,3 +80,55 @@ async fn no_resumption_with_servers_that_are_not_consul_proxy() {
         "every handshake was a full one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_never_offered_to_a_non_mesh_server_on_the_same_host() {
+    let mesh = Mesh::new().await;
+    let mut db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    for i in 0..5u8 {
+        assert_eq!(
+            round_trip(mesh.web_upstream, &[i; 10]).await.unwrap(),
+            vec![i; 10]
+        );
+    }
+    web.wait_log("resumed=true").await;
+
+    // A ticket-issuing server without our ALPN on another port of the same IP, next to db.
+    let neighbour = TlsEchoServer::start(&mesh.ca.leaf("db", "dc1")).await;
+    mesh.agent.set_health(
+        "db",
+        vec![
+            health_entry("db", mesh.db_public, "dc1"),
+            health_entry("db", neighbour.port, "dc1"),
+        ],
+    );
+    eventually("both endpoints in use", DEADLINE, || async {
+        assert_eq!(round_trip(mesh.web_upstream, b"n").await.unwrap(), b"n");
+        (neighbour.handshakes.load(Ordering::SeqCst) >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        neighbour.resumed.load(Ordering::SeqCst),
+        0,
+        "the neighbour port never resumed"
+    );
+
+    // db's own address taken over by such a server: the tickets kept for it are not offered
+    // again once a handshake there shows it is not consul-proxy.
+    db.signal("TERM");
+    db.wait_exit(DEADLINE).await;
+    let successor = TlsEchoServer::start_on(&mesh.ca.leaf("db", "dc1"), mesh.db_public).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", mesh.db_public, "dc1")]);
+    eventually("the successor serves", DEADLINE, || async {
+        let ok = round_trip(mesh.web_upstream, b"s").await.ok()? == b"s";
+        (ok && successor.handshakes.load(Ordering::SeqCst) >= 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        successor.resumed.load(Ordering::SeqCst),
+        0,
+        "no resumption with the successor"
+    );
+}

@@ -177,6 +177,11 @@ pub struct TlsEchoServer {
 impl TlsEchoServer {
     /// Starts on a free port.
     pub async fn start(leaf: &TestLeaf) -> Self {
+        Self::start_on(leaf, 0).await
+    }
+
+    /// Starts on a given port (0: a free one).
+    pub async fn start_on(leaf: &TestLeaf, port: u16) -> Self {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (chain, key) = chain_and_key(leaf);
@@ -187,7 +192,7 @@ impl TlsEchoServer {
             .with_single_cert(chain, key)
             .unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
