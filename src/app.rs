@@ -199,6 +199,7 @@ async fn start(
         kill_all: CancellationToken::new(),
         background: background.clone(),
         workers: tuning.workers.clone(),
+        inbound_active: Default::default(),
     });
     let mut listeners = Listeners::new(shared.clone());
     listeners.start(&proxy, endpoints, endpoints_cancel).await?;

@@ -44,11 +44,16 @@ impl Enforcer {
         let mut trusted = roots.borrow_and_update().clone();
         intentions.borrow_and_update();
         default.borrow_and_update();
+        // The periodic timer is kept across events (re-created only when its period changes),
+        // so that frequent intention changes cannot keep postponing it.
+        let mut period = *self.interval.borrow_and_update();
+        let mut timer = period.map(periodic);
         loop {
-            let interval = *self.interval.borrow_and_update();
             let tick = async {
-                match interval {
-                    Some(d) => tokio::time::sleep(d).await,
+                match timer.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -72,7 +77,14 @@ impl Enforcer {
                     }
                     trusted = new;
                 }
-                r = self.interval.changed() => if r.is_err() { return },
+                r = self.interval.changed() => {
+                    if r.is_err() { return }
+                    let new = *self.interval.borrow_and_update();
+                    if new != period {
+                        period = new;
+                        timer = period.map(periodic);
+                    }
+                }
                 _ = tick => self.reauthorize("periodic re-authorization").await,
             }
         }
@@ -127,6 +139,13 @@ impl Enforcer {
             }
         }
     }
+}
+
+/// A timer firing every `period`, the first time one period from now.
+fn periodic(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 fn verify(conn: &Conn, bundle: &TrustBundle) -> Result<(), rustls::Error> {

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, peer};
+use crate::tls::{MESH_ALPN, TlsConfigs, peer, verify_client_chain};
 
 /// What every inbound connection shares.
 pub struct InboundContext {
@@ -37,8 +37,9 @@ pub struct InboundContext {
     pub registry: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// Connections of this listener open right now, handshakes included.
-    pub active: AtomicUsize,
+    /// Inbound connections open right now, handshakes included, shared by every public
+    /// listener (a moved listener's draining connections still count).
+    pub active: Arc<AtomicUsize>,
 }
 
 /// Handles one accepted connection; `kill` cuts it (shutdown after the drain deadline).
@@ -123,11 +124,40 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     };
     tracing::Span::current().record("peer.id", tracing::field::display(&peer.id));
 
+    // Register before deciding: an intention or roots change published from now on reaches
+    // this connection through the enforcer, and one published earlier is already in the
+    // snapshots read below. (Registering after the decision would leave a window, as long as
+    // the agent call and the app dial, in which a change is missed.)
+    let registration = ctx.registry.register(NewConn {
+        source: peer.id.clone(),
+        serial: peer.serial.clone(),
+        chain,
+        verified_at,
+    });
+    let conn = registration.conn().clone();
+
     let decision = ctx.authorizer.authorize(&peer).await;
     if !decision.is_allow() {
         tracing::info!(source = %peer.id, reason = %decision.reason, "connection denied");
         ctx.metrics.inbound_denied.inc();
         return;
+    }
+    // The handshake verified the chain against the roots of its time; if they changed since,
+    // check it against the current ones (the enforcer may have run before we registered).
+    if let Some(current) = ctx.tls.borrow().clone() {
+        if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
+            let (leaf, intermediates) = conn
+                .chain
+                .split_first()
+                .expect("identity came from a certificate");
+            if let Err(error) =
+                verify_client_chain(&current.bundle, leaf, intermediates, verified_at)
+            {
+                tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
+                ctx.metrics.closed_trust.inc();
+                return;
+            }
+        }
     }
     tracing::debug!(source = %peer.id, reason = %decision.reason, resumed, "connection authorized");
 
@@ -135,28 +165,29 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         settings.local_connect_timeout,
         net::connect_local(&settings.local_app),
     );
-    let mut app = match dial.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(error)) => {
-            tracing::warn!(app = %settings.local_app, %error, "cannot reach the local app");
-            ctx.metrics.inbound_app_unreachable.inc();
+    let mut app = tokio::select! {
+        biased;
+        // Closed by the enforcer while deciding or dialling: the app must not get this caller.
+        _ = conn.closed() => {
+            tracing::info!(reason = conn.close_reason().unwrap_or("closed"), "connection closed by the proxy");
             return;
         }
-        Err(_) => {
-            tracing::warn!(app = %settings.local_app, timeout = ?settings.local_connect_timeout, "local app dial timed out");
-            ctx.metrics.inbound_app_unreachable.inc();
-            return;
-        }
+        r = dial => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(error)) => {
+                tracing::warn!(app = %settings.local_app, %error, "cannot reach the local app");
+                ctx.metrics.inbound_app_unreachable.inc();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(app = %settings.local_app, timeout = ?settings.local_connect_timeout, "local app dial timed out");
+                ctx.metrics.inbound_app_unreachable.inc();
+                return;
+            }
+        },
     };
     ctx.metrics.inbound_authorized.inc();
 
-    let registration = ctx.registry.register(NewConn {
-        source: peer.id,
-        serial: peer.serial,
-        chain,
-        verified_at,
-    });
-    let conn = registration.conn().clone();
     let lifetime = settings.max_conn_lifetime.map(jittered);
     let expire = async {
         match lifetime {

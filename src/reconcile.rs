@@ -104,6 +104,8 @@ pub struct Shared {
     pub background: CancellationToken,
     /// Worker runtimes for connections (`-threads` > 1), or `None` to run them here.
     pub workers: Option<Arc<crate::workers::Workers>>,
+    /// Inbound connections open right now (for the connection limit).
+    pub inbound_active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct RunningPublic {
@@ -127,6 +129,8 @@ pub struct Listeners {
     shared: Arc<Shared>,
     public: Option<RunningPublic>,
     upstreams: BTreeMap<BindAddr, RunningUpstream>,
+    /// Set by [`Listeners::stop_accepting`]: no listener is started any more.
+    stopping: bool,
 }
 
 impl Listeners {
@@ -136,6 +140,7 @@ impl Listeners {
             shared,
             public: None,
             upstreams: BTreeMap::new(),
+            stopping: false,
         }
     }
 
@@ -188,6 +193,10 @@ impl Listeners {
 
     /// Applies a new configuration; failures are logged and leave that listener as it was.
     pub async fn apply(&mut self, desired: &ProxyConfig) {
+        if self.stopping {
+            tracing::info!("shutting down; ignoring a registration change");
+            return;
+        }
         for action in plan(&self.running(), desired) {
             tracing::info!(?action, "reconfiguring");
             match action {
@@ -261,7 +270,8 @@ impl Listeners {
     }
 
     /// Stops every listener from accepting (shutdown).
-    pub fn stop_accepting(&self) {
+    pub fn stop_accepting(&mut self) {
+        self.stopping = true;
         if let Some(p) = &self.public {
             p.handle.stop.cancel();
         }
@@ -294,7 +304,7 @@ impl Listeners {
             trust_domain: s.trust_domain,
             registry: s.registry.clone(),
             metrics: s.metrics.clone(),
-            active: Default::default(),
+            active: s.inbound_active.clone(),
         });
         let handle = self.spawn_accept(listener, "inbound", move |stream, kill| {
             inbound::serve_conn(stream, ctx.clone(), kill)

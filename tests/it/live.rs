@@ -427,3 +427,66 @@ async fn the_inbound_connection_limit_refuses_extra_callers() {
             .contains("consul_proxy_inbound_connections_total{result=\"over_limit\"} 1\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_published_while_a_connection_is_being_authorized_still_applies() {
+    // The caller matches no intention and the default is not known yet, so its connection asks
+    // the agent, which is slow; a deny for it is published meanwhile. The connection must not
+    // reach the app when the (stale) allow finally arrives.
+    let mesh = Mesh::new().await;
+    mesh.agent.set_path_fault(
+        "POST /v1/agent/connect/authorize",
+        crate::support::fake_agent::Fault::Delay(std::time::Duration::from_secs(2)),
+    );
+    let db = mesh.start_db().await;
+    let leaf = mesh.ca.leaf("api", "dc1");
+    let port = mesh.db_public;
+    let caller = tokio::spawn(async move {
+        match tls_client::connect(port, Some(&leaf)).await {
+            Err(_) => false,
+            Ok(s) => Live(s).echoes().await,
+        }
+    });
+    // Wait until the connection's own authorize call is in flight (the default probe is one).
+    eventually("the connection asks the agent", DEADLINE, || async {
+        (mesh.agent.count("POST /v1/agent/connect/authorize") >= 2).then_some(())
+    })
+    .await;
+    mesh.agent.set_intentions(
+        "db",
+        vec![
+            intention_json("web", "db", "allow", 9),
+            intention_json("api", "db", "deny", 9),
+        ],
+    );
+    assert!(!caller.await.unwrap(), "the caller was not served");
+    db.wait_log("closing a live connection that is no longer authorized")
+        .await;
+    assert_eq!(mesh.echo.accepted(), 0, "the app never saw the caller");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frequent_intention_changes_do_not_postpone_the_periodic_recheck() {
+    let mesh = Mesh::new().await;
+    let db = mesh
+        .start_db_with(&["-reauthorize-interval", "500ms"])
+        .await;
+    // Change the intentions (a new value each time) every 100 ms for 2.5 s: each change
+    // re-checks at once, and the 500 ms timer must still fire in between.
+    let allow = intention_json("web", "db", "allow", 9);
+    for i in 0..25 {
+        let other = intention_json(&format!("other-{i}"), "db", "deny", 9);
+        mesh.agent.set_intentions("db", vec![allow.clone(), other]);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        db.logs().contains("trigger=\"intentions changed\""),
+        "{}",
+        db.logs()
+    );
+    assert!(
+        db.logs().contains("trigger=\"periodic re-authorization\""),
+        "{}",
+        db.logs()
+    );
+}

@@ -59,3 +59,32 @@ async fn sigterm_before_ready_exits_0() {
     p.signal("TERM");
     assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_change_during_the_drain_does_not_stop_the_exit() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let mut web = mesh.start_web_with(&["-drain-timeout", "1s"]).await;
+    let _held = open_echoing(mesh.web_upstream).await;
+    web.signal("TERM");
+    web.wait_notify("STOPPING=1").await;
+    mesh.agent
+        .set_service(crate::support::fake_agent::sidecar_json(
+            "web-sidecar-proxy",
+            "web",
+            mesh.web_public,
+            1,
+            vec![
+                crate::support::fake_agent::upstream_json("db", mesh.web_upstream),
+                crate::support::fake_agent::upstream_json("db", crate::support::free_port()),
+            ],
+            serde_json::json!({}),
+        ));
+    assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
+    assert!(
+        web.logs()
+            .contains("shutting down; ignoring a registration change"),
+        "{}",
+        web.logs()
+    );
+}

@@ -29,6 +29,8 @@ pub enum Fault {
     Status(u16, String),
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Answer normally, after this delay (a slow agent).
+    Delay(Duration),
 }
 
 #[derive(Default)]
@@ -348,20 +350,27 @@ fn parse_wait(q: &HashMap<String, String>) -> Duration {
 }
 
 /// Records the request and applies any fault. `Some(response)` short-circuits the handler.
-fn enter(shared: &Shared, what: String) -> Option<Response> {
-    let mut d = shared.data.lock().unwrap();
-    let path_fault = d
-        .path_faults
-        .iter()
-        .find(|(p, _)| what.starts_with(p.as_str()))
-        .map(|(_, f)| f.clone());
-    d.requests.push(what);
-    match d.fault.clone().or(path_fault) {
+async fn enter(shared: &Shared, what: String) -> Option<Response> {
+    let fault = {
+        let mut d = shared.data.lock().unwrap();
+        let path_fault = d
+            .path_faults
+            .iter()
+            .find(|(p, _)| what.starts_with(p.as_str()))
+            .map(|(_, f)| f.clone());
+        d.requests.push(what);
+        d.fault.clone().or(path_fault)
+    };
+    match fault {
         None => None,
         Some(Fault::Status(code, body)) => {
             Some((StatusCode::from_u16(code).unwrap(), body).into_response())
         }
         Some(Fault::Garbage) => Some((StatusCode::OK, "{\"this is\": not json").into_response()),
+        Some(Fault::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            None
+        }
     }
 }
 
@@ -418,7 +427,7 @@ async fn agent_service(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = enter(&s, format!("GET /v1/agent/service/{id}")) {
+    if let Some(r) = enter(&s, format!("GET /v1/agent/service/{id}")).await {
         return r;
     }
     let wait = parse_wait(&q);
@@ -449,7 +458,7 @@ async fn agent_service(
 }
 
 async fn agent_services(State(s): State<Shared_>) -> Response {
-    if let Some(r) = enter(&s, "GET /v1/agent/services".into()) {
+    if let Some(r) = enter(&s, "GET /v1/agent/services".into()).await {
         return r;
     }
     let d = s.data.lock().unwrap();
@@ -466,7 +475,7 @@ fn index_of(q: &HashMap<String, String>) -> u64 {
 }
 
 async fn roots(State(s): State<Shared_>, Query(q): Query<HashMap<String, String>>) -> Response {
-    if let Some(r) = enter(&s, "GET /v1/agent/connect/ca/roots".into()) {
+    if let Some(r) = enter(&s, "GET /v1/agent/connect/ca/roots".into()).await {
         return r;
     }
     match block(&s, index_of(&q), parse_wait(&q), |d| d.roots.clone()).await {
@@ -484,7 +493,7 @@ async fn leaf(
     Path(service): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = enter(&s, format!("GET /v1/agent/connect/ca/leaf/{service}")) {
+    if let Some(r) = enter(&s, format!("GET /v1/agent/connect/ca/leaf/{service}")).await {
         return r;
     }
     match block(&s, index_of(&q), parse_wait(&q), |d| {
@@ -505,7 +514,7 @@ async fn intentions_match(
     State(s): State<Shared_>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = enter(&s, "GET /v1/connect/intentions/match".into()) {
+    if let Some(r) = enter(&s, "GET /v1/connect/intentions/match".into()).await {
         return r;
     }
     let Some(name) = q.get("name").cloned() else {
@@ -533,7 +542,7 @@ async fn health_connect(
     Path(service): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = enter(&s, format!("GET /v1/health/connect/{service}")) {
+    if let Some(r) = enter(&s, format!("GET /v1/health/connect/{service}")).await {
         return r;
     }
     let current = |d: &Data| Some(d.health.get(&service).cloned().unwrap_or((Vec::new(), 1)));
@@ -544,7 +553,7 @@ async fn health_connect(
 }
 
 async fn query_execute(State(s): State<Shared_>, Path(name): Path<String>) -> Response {
-    if let Some(r) = enter(&s, format!("GET /v1/query/{name}/execute")) {
+    if let Some(r) = enter(&s, format!("GET /v1/query/{name}/execute")).await {
         return r;
     }
     match s.data.lock().unwrap().queries.get(&name).cloned() {
@@ -554,9 +563,16 @@ async fn query_execute(State(s): State<Shared_>, Path(name): Path<String>) -> Re
 }
 
 async fn authorize(State(s): State<Shared_>, body: axum::Json<Value>) -> Response {
-    if let Some(r) = enter(&s, "POST /v1/agent/connect/authorize".into()) {
+    // The answer reflects the intentions when the request arrives; a Delay fault then holds it
+    // back, like an agent answering from a cache that is about to change.
+    let answer = authorize_answer(&s, &body);
+    if let Some(r) = enter(&s, "POST /v1/agent/connect/authorize".into()).await {
         return r;
     }
+    answer
+}
+
+fn authorize_answer(s: &Shared, body: &Value) -> Response {
     let target = body["Target"].as_str().unwrap_or_default().to_owned();
     let uri = body["ClientCertURI"]
         .as_str()
