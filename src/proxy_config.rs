@@ -420,8 +420,8 @@ fn duration_ms(cfg: &Map<String, Value>, key: &str, default: Duration) -> Result
     match opt_number(cfg, key)? {
         None => Ok(default),
         Some(0.0) => Err(format!("{key} must be greater than 0")),
-        Some(ms) if ms <= 86_400_000.0 => Ok(Duration::from_millis(ms as u64)),
-        Some(ms) => Err(format!("{key} {ms} is more than a day")),
+        // `as` saturates: absurdly large values become the longest representable duration.
+        Some(ms) => Ok(Duration::from_millis(ms as u64)),
     }
 }
 
@@ -494,6 +494,19 @@ mod tests {
         assert_eq!(cfg.upstreams[1].datacenter.as_deref(), Some("dc2"));
         assert_eq!(cfg.upstreams[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(c.notes.iter().any(|n| n.contains("centrally configured")));
+    }
+
+    #[test]
+    fn long_limits_are_accepted() {
+        let mut j = sidecar();
+        j["Proxy"]["Config"]["max_conn_lifetime_ms"] = 172_800_000u64.into();
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
+        assert_eq!(
+            cfg.public.unwrap().max_conn_lifetime,
+            Some(Duration::from_secs(2 * 86_400))
+        );
     }
 
     #[test]

@@ -37,8 +37,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
         };
         rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(value * seconds_per_unit)
-            .map_err(|_| format!("{s:?}: out of range"))?;
+        total = Duration::try_from_secs_f64(value * seconds_per_unit)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(|| format!("{s:?}: out of range"))?;
+    }
+    // Go stores durations as i64 nanoseconds (about 292 years); longer ones are errors there,
+    // and here they would overflow the clock arithmetic of timers.
+    if total.as_nanos() > i64::MAX as u128 {
+        return Err(format!("{s:?}: out of range (at most about 292 years)"));
     }
     Ok(total)
 }
@@ -54,11 +61,17 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("2562000h").unwrap(),
+            Duration::from_secs(2_562_000 * 3600),
+            "just under Go's limit"
+        );
     }
 
     #[test]
     fn rejects_missing_or_unknown_units() {
-        for bad in ["30", "", "s", "10x", "-1s", "1..2s"] {
+        let huge = "10000000000000000000s".repeat(2); // each part fits, the sum does not
+        for bad in ["30", "", "s", "10x", "-1s", "1..2s", "2563000h", huge.as_str()] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
     }

@@ -75,6 +75,8 @@ impl ConsulClient {
             Scheme::Https => "https",
         };
         let mut builder = reqwest::Client::builder()
+            // Never follow a redirect: the ACL token header would go along to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
             .no_proxy();
