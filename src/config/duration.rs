@@ -71,7 +71,16 @@ mod tests {
     #[test]
     fn rejects_missing_or_unknown_units() {
         let huge = "10000000000000000000s".repeat(2); // each part fits, the sum does not
-        for bad in ["30", "", "s", "10x", "-1s", "1..2s", "2563000h", huge.as_str()] {
+        for bad in [
+            "30",
+            "",
+            "s",
+            "10x",
+            "-1s",
+            "1..2s",
+            "2563000h",
+            huge.as_str(),
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
     }
