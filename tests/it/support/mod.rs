@@ -24,13 +24,35 @@ use tokio::process::{Child, Command};
 /// Generous deadline for anything that should happen "soon" on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A port that was free a moment ago (the agent registration must name it up front).
+/// A port that was free a moment ago, for listeners whose port must be named up front (agent
+/// registrations, agent flags).
+///
+/// Taken below Linux's ephemeral range (32768-60999), never twice in one test run: a port
+/// from `bind(:0)` comes from that range, and once released it can be taken as the local
+/// port of any outgoing connection (the agent's, another test's) before the proxy binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        // Spread concurrent test processes apart.
+        let span = u32::from(LAST - FIRST);
+        std::sync::atomic::AtomicU16::new(FIRST + (std::process::id() * 37 % span) as u16)
+    });
+    for _ in FIRST..=LAST {
+        let port = next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+                Some(if p >= LAST { FIRST } else { p + 1 })
+            })
+            .unwrap();
+        // Public listeners bind all interfaces; check both forms.
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}-{LAST}");
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
