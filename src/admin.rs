@@ -1,10 +1,11 @@
 //! The admin endpoint (`-admin-addr`, plain HTTP, meant for loopback): `/ready`, `/metrics`
-//! (Prometheus text) and `/status` (JSON: the live inbound connections). Deliberately tiny:
-//! GET only, one request per connection.
+//! (Prometheus text) and `/status` (JSON: the live inbound connections, the agent watches and
+//! our leaf). Deliberately tiny: GET only, one request per connection. It is up from the
+//! start, before the agent answers, so that `/ready` says 503 and `/status` says why.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,7 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::conns::Registry;
-use crate::metrics::Metrics;
+use crate::consul::watch::{Subscriber, WatchHealth};
+use crate::metrics::{self, Metrics};
+use crate::tls::TlsConfigs;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -22,8 +25,32 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// True between readiness and the start of shutdown.
     pub ready: AtomicBool,
-    /// Our service, for `/status`.
-    pub service: String,
+    /// Our service, for `/status`, once the registration is read.
+    pub service: OnceLock<String>,
+    /// The agent watches' states.
+    pub watches: Arc<WatchHealth>,
+    /// The TLS configurations in use, once the builder runs (for the leaf's expiry).
+    pub tls: OnceLock<Subscriber<TlsConfigs>>,
+}
+
+impl AdminState {
+    /// Not ready, nothing known yet.
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, watches: Arc<WatchHealth>) -> Self {
+        AdminState {
+            registry,
+            metrics,
+            ready: AtomicBool::new(false),
+            service: OnceLock::new(),
+            watches,
+            tls: OnceLock::new(),
+        }
+    }
+
+    /// Our leaf's `notAfter` (Unix seconds), once a leaf is loaded.
+    fn leaf_not_after(&self) -> Option<i64> {
+        let tls = self.tls.get()?.borrow();
+        tls.as_ref().map(|t| t.leaf.not_after_unix())
+    }
 }
 
 /// Binds the admin listener (an error if the address is taken) and serves until cancelled.
@@ -95,11 +122,11 @@ fn respond(method: &str, path: &str, state: &AdminState) -> (&'static str, &'sta
             "text/plain",
             "not ready\n".into(),
         ),
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            state.metrics.render(state.registry.len()),
-        ),
+        "/metrics" => {
+            let mut text = state.metrics.render(state.registry.len());
+            metrics::render_health(&mut text, &state.watches.snapshot(), state.leaf_not_after());
+            ("200 OK", "text/plain; version=0.0.4", text)
+        }
         "/status" => ("200 OK", "application/json", status_json(state)),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }
@@ -120,5 +147,27 @@ fn status_json(state: &AdminState) -> String {
             })
         })
         .collect();
-    serde_json::json!({"service": state.service, "inbound": conns}).to_string()
+    let watches: serde_json::Map<String, serde_json::Value> = state
+        .watches
+        .snapshot()
+        .into_iter()
+        .map(|(name, w)| {
+            let v = serde_json::json!({
+                "failing": w.failing,
+                "failure": w.failure,
+                "errors": w.errors,
+                "rejected": w.rejected,
+                "last_success_unix": w.last_success_unix,
+            });
+            (name, v)
+        })
+        .collect();
+    serde_json::json!({
+        "service": state.service.get(),
+        "ready": state.ready.load(Ordering::Relaxed),
+        "leaf_not_after_unix": state.leaf_not_after(),
+        "watches": watches,
+        "inbound": conns,
+    })
+    .to_string()
 }

@@ -71,8 +71,27 @@ pub async fn run(
     let _stop_background = background.clone().drop_guard();
     tokio::pin!(shutdown);
 
+    let admin = match config.admin_addr {
+        Some(addr) => {
+            let state = Arc::new(AdminState::new(
+                Registry::new(),
+                Arc::new(Metrics::default()),
+                tuning.watch.health.clone(),
+            ));
+            let local = admin::spawn(addr, state.clone(), background.clone())
+                .await
+                .map_err(|source| AppError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(addr = %local, "admin endpoint ready");
+            Some(state)
+        }
+        None => None,
+    };
+
     let started = tokio::select! {
-        r = start(&config, &tuning, &client, &background) => r?,
+        r = start(&config, &tuning, &client, &background, admin) => r?,
         _ = &mut shutdown => {
             tracing::info!("shutdown requested before the proxy was ready");
             return Ok(());
@@ -95,6 +114,7 @@ async fn start(
     tuning: &Tuning,
     client: &ConsulClient,
     background: &CancellationToken,
+    admin: Option<Arc<AdminState>>,
 ) -> Result<Started, AppError> {
     let proxy_id = match &config.target {
         Target::ProxyId(id) => id.clone(),
@@ -115,6 +135,9 @@ async fn start(
             })?;
     let converted =
         ProxyConfig::from_api(&svc, &config.defaults).map_err(AppError::Registration)?;
+    if let Some(admin) = &admin {
+        let _ = admin.service.set(converted.config.service.clone());
+    }
     for note in &converted.notes {
         tracing::info!(%note, "proxy configuration");
     }
@@ -177,6 +200,9 @@ async fn start(
         })
         .collect();
 
+    if let Some(admin) = &admin {
+        let _ = admin.tls.set(tls.clone());
+    }
     tracing::info!("waiting for certificates, intentions and upstream endpoints from the agent");
     wait_ready(&tls).await;
     wait_ready(&intentions).await;
@@ -184,8 +210,10 @@ async fn start(
         wait_ready(e).await;
     }
 
-    let registry = Registry::new();
-    let metrics = Arc::new(Metrics::default());
+    let (registry, metrics) = match &admin {
+        Some(a) => (a.registry.clone(), a.metrics.clone()),
+        None => (Registry::new(), Arc::new(Metrics::default())),
+    };
     let shared = Arc::new(Shared {
         client: client.clone(),
         watch: settings,
@@ -222,25 +250,9 @@ async fn start(
         background.clone(),
     );
 
-    let admin = match config.admin_addr {
-        Some(addr) => {
-            let state = Arc::new(AdminState {
-                registry,
-                metrics,
-                ready: true.into(),
-                service: proxy.service.clone(),
-            });
-            let local = admin::spawn(addr, state.clone(), background.clone())
-                .await
-                .map_err(|source| AppError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tracing::info!(addr = %local, "admin endpoint ready");
-            Some(state)
-        }
-        None => None,
-    };
+    if let Some(admin) = &admin {
+        admin.ready.store(true, Ordering::Relaxed);
+    }
     notify::ready();
     tracing::info!("proxy ready");
     Ok(Started {

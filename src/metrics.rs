@@ -1,7 +1,10 @@
 //! Process-wide counters, rendered in the Prometheus text format by the admin endpoint.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::consul::watch::WatchState;
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
@@ -147,6 +150,67 @@ impl Metrics {
     }
 }
 
+/// Appends the agent watches' states and our leaf's expiry to a Prometheus text exposition.
+pub fn render_health(
+    out: &mut String,
+    watches: &BTreeMap<String, WatchState>,
+    leaf_not_after_unix: Option<i64>,
+) {
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&WatchState) -> Option<u64>| {
+            let _ = writeln!(out, "# HELP consul_proxy_{name} {help}");
+            let _ = writeln!(out, "# TYPE consul_proxy_{name} {kind}");
+            for (watch, state) in watches {
+                if let Some(v) = value(state) {
+                    let _ = writeln!(out, "consul_proxy_{name}{{watch=\"{}\"}} {v}", label(watch));
+                }
+            }
+        };
+    family(
+        "agent_watch_failing",
+        "gauge",
+        "1 while an agent watch's requests fail (the proxy serves its last good value).",
+        &|s| Some(u64::from(s.failing)),
+    );
+    family(
+        "agent_watch_errors_total",
+        "counter",
+        "Failed requests per agent watch.",
+        &|s| Some(s.errors),
+    );
+    family(
+        "agent_watch_rejected_total",
+        "counter",
+        "Agent responses rejected as invalid, per watch.",
+        &|s| Some(s.rejected),
+    );
+    family(
+        "agent_watch_last_success_timestamp_seconds",
+        "gauge",
+        "When the agent last answered each watch.",
+        &|s| s.last_success_unix,
+    );
+    if let Some(t) = leaf_not_after_unix {
+        let _ = writeln!(
+            out,
+            "# HELP consul_proxy_leaf_expiry_timestamp_seconds When our current leaf certificate expires."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE consul_proxy_leaf_expiry_timestamp_seconds gauge"
+        );
+        let _ = writeln!(out, "consul_proxy_leaf_expiry_timestamp_seconds {t}");
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +233,38 @@ mod tests {
             )
         );
         assert!(text.contains("# TYPE consul_proxy_inbound_active gauge\n"));
+    }
+
+    #[test]
+    fn renders_watch_health_with_escaped_labels() {
+        let mut watches = BTreeMap::new();
+        let failing = WatchState {
+            failing: true,
+            errors: 4,
+            ..WatchState::default()
+        };
+        let fine = WatchState {
+            last_success_unix: Some(1_700_000_000),
+            rejected: 1,
+            ..WatchState::default()
+        };
+        watches.insert("query \"a\\b\"".to_owned(), failing);
+        watches.insert("leaf".to_owned(), fine);
+        let mut text = String::new();
+        render_health(&mut text, &watches, Some(1_800_000_000));
+        for line in [
+            "consul_proxy_agent_watch_failing{watch=\"query \\\"a\\\\b\\\"\"} 1\n",
+            "consul_proxy_agent_watch_errors_total{watch=\"query \\\"a\\\\b\\\"\"} 4\n",
+            "consul_proxy_agent_watch_failing{watch=\"leaf\"} 0\n",
+            "consul_proxy_agent_watch_rejected_total{watch=\"leaf\"} 1\n",
+            "consul_proxy_agent_watch_last_success_timestamp_seconds{watch=\"leaf\"} 1700000000\n",
+            "consul_proxy_leaf_expiry_timestamp_seconds 1800000000\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("last_success_timestamp_seconds{watch=\"query"),
+            "no sample for a watch that never succeeded"
+        );
     }
 }

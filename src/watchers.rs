@@ -144,7 +144,12 @@ pub fn spawn_endpoints(
 ) -> Subscriber<Endpoints> {
     let (tx, rx) = channel(None);
     let datacenter = spec.datacenter.clone();
-    let name = format!("endpoints {}", spec.destination);
+    // Named for logs and the admin endpoint; two upstreams to one service in different
+    // datacenters are different watches.
+    let name = match &datacenter {
+        Some(dc) => format!("endpoints {} in {dc}", spec.destination),
+        None => format!("endpoints {}", spec.destination),
+    };
     match spec.destination.clone() {
         Destination::Service(service) => {
             tokio::spawn(async move {

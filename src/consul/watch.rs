@@ -7,11 +7,13 @@
 //! - requests are rate-limited by a small token bucket, so a churning value cannot spin;
 //! - errors back off exponentially with jitter up to a cap, and forget the index;
 //! - a returned call is not a change: values are compared before publishing;
-//! - state changes (failing, recovered) are logged once, not on every retry.
+//! - state changes (failing, recovered) are logged once, not on every retry, and every
+//!   watch's state is kept in [`WatchHealth`] for the admin endpoint.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -32,6 +34,8 @@ pub struct WatchSettings {
     pub burst: u32,
     /// One request token is refilled per this interval.
     pub refill: Duration,
+    /// Where each watch reports its state (shared by every clone of these settings).
+    pub health: Arc<WatchHealth>,
 }
 
 impl Default for WatchSettings {
@@ -42,7 +46,107 @@ impl Default for WatchSettings {
             backoff_cap: Duration::from_secs(10),
             burst: 3,
             refill: Duration::from_millis(250),
+            health: Arc::default(),
         }
+    }
+}
+
+/// The state of every running watch, for operators: a proxy serving from its last good
+/// values ("fail static") looks healthy from the outside, so this is where it shows.
+#[derive(Debug, Default)]
+pub struct WatchHealth {
+    /// Each watch's state, and how many loops with that name run (a replaced watch may
+    /// overlap its successor briefly).
+    by_name: Mutex<BTreeMap<String, (u32, WatchState)>>,
+}
+
+/// One watch's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchState {
+    /// The last request failed (the watch serves its last good value meanwhile).
+    pub failing: bool,
+    /// Failed requests since the watch started.
+    pub errors: u64,
+    /// Responses rejected as invalid since the watch started (the last good value stays).
+    pub rejected: u64,
+    /// When the agent last answered, in seconds since the Unix epoch.
+    pub last_success_unix: Option<u64>,
+    /// What the current failure is (`ConsulError::kind`), while failing.
+    pub failure: Option<&'static str>,
+}
+
+impl WatchHealth {
+    /// Every watch by name.
+    pub fn snapshot(&self) -> BTreeMap<String, WatchState> {
+        self.lock()
+            .iter()
+            .map(|(name, (_, state))| (name.clone(), state.clone()))
+            .collect()
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut WatchState)) {
+        if let Some((_, state)) = self.lock().get_mut(name) {
+            f(state);
+        }
+    }
+
+    fn started(&self, name: &str) {
+        self.lock().entry(name.to_owned()).or_default().0 += 1;
+    }
+
+    fn stopped(&self, name: &str) {
+        let mut map = self.lock();
+        if let Some((loops, _)) = map.get_mut(name) {
+            *loops = loops.saturating_sub(1);
+            if *loops == 0 {
+                map.remove(name);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u32, WatchState)>> {
+        // Invariant: updates are plain field writes; nothing panics under the lock.
+        self.by_name.lock().expect("watch health lock")
+    }
+}
+
+/// Takes a watch out of [`WatchHealth`] when its loop ends, however it ends.
+struct Reporting<'a> {
+    health: &'a WatchHealth,
+    name: &'a str,
+}
+
+impl<'a> Reporting<'a> {
+    fn start(health: &'a WatchHealth, name: &'a str) -> Self {
+        health.started(name);
+        Reporting { health, name }
+    }
+
+    fn answered(&self, rejected: bool) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.health.update(self.name, |s| {
+            s.failing = false;
+            s.failure = None;
+            s.last_success_unix = Some(now);
+            s.rejected += u64::from(rejected);
+        });
+    }
+
+    fn failed(&self, kind: &'static str) {
+        self.health.update(self.name, |s| {
+            s.failing = true;
+            s.failure = Some(kind);
+            s.errors += 1;
+        });
+    }
+}
+
+impl Drop for Reporting<'_> {
+    fn drop(&mut self) {
+        self.health.stopped(self.name);
     }
 }
 
@@ -106,6 +210,7 @@ pub async fn run<T, C, F, Fut>(
     let mut failures: u32 = 0;
     let mut last_failure: Option<&'static str> = None;
     let mut last_rejection: Option<String> = None;
+    let report = Reporting::start(&settings.health, name);
     loop {
         let delay = bucket.take(Instant::now());
         if !delay.is_zero() && !sleep_or_cancel(delay, &cancel).await {
@@ -124,6 +229,7 @@ pub async fn run<T, C, F, Fut>(
                 failures = 0;
                 last_failure = None;
                 cursor = cursor.advance(returned);
+                report.answered(value.is_err());
                 match value {
                     Ok(v) => {
                         last_rejection = None;
@@ -143,6 +249,7 @@ pub async fn run<T, C, F, Fut>(
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
+                report.failed(err.kind());
                 if last_failure != Some(err.kind()) {
                     tracing::warn!(
                         watch = name,
@@ -348,14 +455,11 @@ mod tests {
         let (tx, mut rx) = watch::channel(None);
         let cancel = CancellationToken::new();
         let s = script.clone();
+        let settings = WatchSettings::default();
+        let health = settings.health.clone();
         let task = tokio::spawn({
             let cancel = cancel.clone();
-            async move {
-                run("test", &WatchSettings::default(), tx, cancel, |c| {
-                    s.fetch(c)
-                })
-                .await
-            }
+            async move { run("test", &settings, tx, cancel, |c| s.fetch(c)).await }
         });
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_deref(), Some(&1));
@@ -381,6 +485,36 @@ mod tests {
                 Index(9)
             ]
         );
+        let state = health.snapshot().remove("test").unwrap();
+        assert!(!state.failing, "the last request was answered");
+        assert_eq!((state.errors, state.rejected), (1, 1));
+        assert!(state.last_success_unix.is_some());
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(
+            health.snapshot().is_empty(),
+            "a stopped watch is no longer listed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_watch_is_reported_until_it_recovers() {
+        let script = Script::new(vec![Err(status_error()), Err(status_error())]);
+        let (tx, _rx) = watch::channel::<Option<Arc<u32>>>(None);
+        let settings = WatchSettings::default();
+        let health = settings.health.clone();
+        let s = script.clone();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { run("roots", &settings, tx, cancel, |c| s.fetch(c)).await }
+        });
+        script.exhausted.notified().await;
+        let state = health.snapshot().remove("roots").unwrap();
+        assert!(state.failing);
+        assert_eq!(state.failure, Some("status"));
+        assert_eq!(state.errors, 2);
+        assert_eq!(state.last_success_unix, None, "never answered");
         cancel.cancel();
         task.await.unwrap();
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::peer;
 use crate::consul::api;
@@ -19,6 +20,7 @@ pub struct Leaf {
     id: SpiffeId,
     serial: String,
     valid_before: String,
+    not_after_unix: i64,
     /// Kept to compare updates.
     pem: String,
 }
@@ -47,6 +49,12 @@ impl Leaf {
                 "the agent issued a leaf for {id}, not for service {service:?}"
             ));
         }
+        let not_after_unix = X509Certificate::from_der(first.as_ref())
+            .map_err(|e| format!("our leaf certificate: {e}"))?
+            .1
+            .validity()
+            .not_after
+            .timestamp();
         let key = parse_key(&leaf.private_key_pem)?;
         let signing_key = super::provider()
             .key_provider
@@ -64,6 +72,7 @@ impl Leaf {
             id,
             serial: leaf.serial_number.clone(),
             valid_before: leaf.valid_before.clone(),
+            not_after_unix,
             pem,
         })
     }
@@ -91,6 +100,11 @@ impl Leaf {
     /// Expiry as the agent reported it, for logs.
     pub fn valid_before(&self) -> &str {
         &self.valid_before
+    }
+
+    /// The certificate's own `notAfter`, in seconds since the Unix epoch.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after_unix
     }
 }
 

@@ -5,7 +5,9 @@ use tokio::net::TcpStream;
 use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
 use crate::support::open_echoing;
-use crate::support::{DEADLINE, ProxyProcess, refused, round_trip};
+use crate::support::{
+    DEADLINE, ProxyProcess, admin_get, eventually, free_port, refused, round_trip,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_down_after_start_keeps_existing_and_new_connections_working() {
@@ -164,4 +166,100 @@ async fn the_token_is_sent_as_a_header_and_never_logged() {
     ])
     .await;
     assert!(!p.logs().contains("file-token-0123456789"));
+}
+
+/// The leaf's `notAfter` as Unix seconds, read independently of the proxy.
+fn not_after_unix(cert_pem: &str) -> i64 {
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).unwrap();
+    cert.validity().not_after.timestamp()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_shows_a_failing_agent_while_serving_from_the_last_good_state() {
+    let mesh = Mesh::new().await;
+    let leaf = mesh.ca.leaf("db", "dc1");
+    mesh.agent.set_leaf("db", &leaf);
+    let admin = free_port();
+    let _db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    let m = admin_get(admin, "/metrics").await.1;
+    for watch in ["roots", "leaf", "intentions"] {
+        assert!(
+            m.contains(&format!(
+                "consul_proxy_agent_watch_failing{{watch=\"{watch}\"}} 0\n"
+            )),
+            "{m}"
+        );
+    }
+    assert!(
+        m.contains(&format!(
+            "consul_proxy_leaf_expiry_timestamp_seconds {}\n",
+            not_after_unix(&leaf.cert_pem)
+        )),
+        "{m}"
+    );
+
+    mesh.agent
+        .set_fault(Some(Fault::Status(500, "No cluster leader".into())));
+    eventually("the roots watch reported failing", DEADLINE, || async {
+        let m = admin_get(admin, "/metrics").await.1;
+        m.contains("consul_proxy_agent_watch_failing{watch=\"roots\"} 1\n")
+            .then_some(())
+    })
+    .await;
+    let (status, body) = admin_get(admin, "/status").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["watches"]["roots"]["failing"], true, "{json}");
+    assert_eq!(json["watches"]["roots"]["failure"], "status", "{json}");
+    assert!(json["watches"]["roots"]["errors"].as_u64().unwrap() >= 1);
+    assert!(json["watches"]["roots"]["last_success_unix"].is_u64());
+    assert_eq!(
+        admin_get(admin, "/ready").await.0,
+        200,
+        "still ready: it serves from its last good state"
+    );
+
+    mesh.agent.set_fault(None);
+    eventually("every watch recovered", DEADLINE, || async {
+        let m = admin_get(admin, "/metrics").await.1;
+        let failing = m
+            .lines()
+            .filter(|l| l.starts_with("consul_proxy_agent_watch_failing{"))
+            .filter(|l| l.ends_with(" 1"))
+            .count();
+        (failing == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_says_not_ready_until_the_agent_answers() {
+    let mesh = Mesh::new().await;
+    let addr = mesh.agent.addr();
+    mesh.agent.stop();
+    let admin = free_port();
+    let mut p = ProxyProcess::spawn(
+        &[
+            "-http-addr",
+            &addr,
+            "-proxy-id",
+            "db-sidecar-proxy",
+            "-admin-addr",
+            &format!("127.0.0.1:{admin}"),
+        ],
+        &[],
+    );
+    p.wait_log("waiting for the Consul agent").await;
+    let (status, body) = admin_get(admin, "/ready").await;
+    assert_eq!((status, body.as_str()), (503, "not ready\n"));
+    mesh.agent.restart().await;
+    p.wait_ready().await;
+    assert_eq!(admin_get(admin, "/ready").await.0, 200);
 }

@@ -50,13 +50,7 @@ impl Live {
 }
 
 async fn metrics(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    crate::support::admin_get(port, "/metrics").await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
