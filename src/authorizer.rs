@@ -149,6 +149,15 @@ impl Authorizer {
             return;
         }
         match self.ask_agent(&probe, "00").await {
+            Ok(resp) if resp.reason.starts_with("Matched") => {
+                // Locally no rule covers this made-up caller, yet the agent matched one: our
+                // snapshot and the agent disagree, which a test should have caught.
+                tracing::warn!(
+                    agent_reason = %resp.reason,
+                    local = %local.reason,
+                    "the agent matched an intention for a caller no local rule covers; report this"
+                );
+            }
             Ok(resp) => self.learn_default(&resp),
             Err(error) => tracing::debug!(%error, "default policy probe failed"),
         }

@@ -148,14 +148,20 @@ impl Intentions {
     /// Builds the snapshot from the agent's match list for `destination`.
     ///
     /// Entries that cannot apply to a local caller (a `SourcePeer`, a source type other than
-    /// `consul`) or that name another destination are dropped. The list is stably sorted by
+    /// `consul`) or that name another destination are dropped. Destination names compare
+    /// without regard to case, as the agent's match does (an intention written for `DB`
+    /// applies to `db`); source names compare exactly, as the agent's authorization does
+    /// (an intention from `WEB` does not apply to a caller `web`; both checked against a real
+    /// Consul 1.14 agent). The list is stably sorted by
     /// precedence, highest first, which leaves the agent's own order (and tie-break) intact.
     pub fn from_api(destination: &str, list: Vec<api::Intention>) -> Self {
         let mut list: Vec<api::Intention> = list
             .into_iter()
             .filter(|i| i.source_peer.is_empty())
             .filter(|i| i.source_type.is_empty() || i.source_type == "consul")
-            .filter(|i| i.destination_name == "*" || i.destination_name == destination)
+            .filter(|i| {
+                i.destination_name == "*" || i.destination_name.eq_ignore_ascii_case(destination)
+            })
             .collect();
         list.sort_by_key(|i| std::cmp::Reverse(i.precedence));
         let rules: Vec<Rule> = list.into_iter().map(Rule::from_api).collect();
@@ -311,6 +317,18 @@ mod tests {
         let d = authorize(&ixns, &caller("api"), Some(DefaultPolicy::Allow));
         assert_eq!(d.verdict, Verdict::Deny);
         assert!(matches!(d.reason, Reason::Intention(ref l) if l.contains("default/* =>")));
+    }
+
+    #[test]
+    fn destination_names_ignore_case_source_names_do_not() {
+        // Both as a real Consul 1.14 agent decides: `web => DB deny` denies web calling db;
+        // `WEB => db deny` does not apply to a caller named web.
+        let ixns = Intentions::from_api("db", vec![intention("web", "DB", "deny", 9)]);
+        let d = authorize(&ixns, &caller("web"), Some(DefaultPolicy::Allow));
+        assert_eq!(d.verdict, Verdict::Deny, "{d:?}");
+        let ixns = Intentions::from_api("db", vec![intention("WEB", "db", "deny", 9)]);
+        let d = authorize(&ixns, &caller("web"), Some(DefaultPolicy::Allow));
+        assert_eq!(d.reason, Reason::Default(DefaultPolicy::Allow));
     }
 
     #[test]

@@ -486,6 +486,58 @@ async fn a_deny_intention_closes_a_live_connection_within_a_second() {
     );
 }
 
+/// Consul looks intentions up by destination without regard to case: `web => DB deny`
+/// denies web calling db. (Found in review: we used to drop it and let web in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intention_naming_the_destination_in_another_case_applies() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    // Dev agent, ACLs off: the default is allow and there is no intention yet.
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("mesh up", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"up").await.then_some(())
+    })
+    .await;
+    let mut live = open_echoing(mesh.web_upstream).await;
+
+    mesh.agent.intention("web", "DB", "deny").await;
+    let trust_domain = mesh.agent.get("/v1/connect/ca/roots").await["TrustDomain"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let verdict = mesh
+        .agent
+        .send(
+            reqwest::Method::POST,
+            "/v1/agent/connect/authorize",
+            Some(serde_json::json!({
+                "Target": "db",
+                "ClientCertURI": format!("spiffe://{trust_domain}/ns/default/dc/dc1/svc/web"),
+            })),
+        )
+        .await;
+    assert_eq!(
+        verdict["Authorized"], false,
+        "the agent applies it: {verdict}"
+    );
+
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the live connection was closed: {end:?}"
+    );
+    db.wait_log("closing a live connection that is no longer authorized")
+        .await;
+    assert!(
+        !echoes(mesh.web_upstream, b"denied").await,
+        "new connections are refused too"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_added_to_the_registration_becomes_reachable_without_a_restart() {
     let Some(mesh) = RealMesh::start(Mode::Dev).await else {
