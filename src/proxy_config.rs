@@ -158,6 +158,27 @@ pub struct Converted {
 }
 
 impl ProxyConfig {
+    /// Whether `desired` can replace this running configuration live. Our identity (the
+    /// destination service and datacenter) decides which leaf we present, whose intentions
+    /// apply and what name the roots are checked for; those are chosen at start-up, so a
+    /// registration that changes them is refused with the reason (the running configuration
+    /// stays) until the proxy is restarted.
+    pub fn can_become(&self, desired: &ProxyConfig) -> Result<(), String> {
+        if !self.service.eq_ignore_ascii_case(&desired.service) {
+            return Err(format!(
+                "the registration now proxies for service {:?} instead of {:?}; restart the proxy to take on the new identity (until then it keeps serving {:?} as before)",
+                desired.service, self.service, self.service
+            ));
+        }
+        if self.datacenter != desired.datacenter {
+            return Err(format!(
+                "the agent's datacenter changed from {:?} to {:?}; restart the proxy",
+                self.datacenter, desired.datacenter
+            ));
+        }
+        Ok(())
+    }
+
     /// Converts a registration; `Err` says why it cannot be honoured. `defaults` come from
     /// flags; `Proxy.Config` keys override them (0 turns a limit off).
     pub fn from_api(svc: &api::AgentService, defaults: &Defaults) -> Result<Converted, String> {
@@ -494,6 +515,30 @@ mod tests {
         assert_eq!(cfg.upstreams[1].datacenter.as_deref(), Some("dc2"));
         assert_eq!(cfg.upstreams[1].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(c.notes.iter().any(|n| n.contains("centrally configured")));
+    }
+
+    #[test]
+    fn a_new_destination_service_cannot_be_taken_on_live() {
+        let running = ProxyConfig::from_api(&registration(sidecar()), &Defaults::default())
+            .unwrap()
+            .config;
+        let mut moved = running.clone();
+        moved.public = None;
+        assert_eq!(running.can_become(&moved), Ok(()), "listeners may change");
+        let mut other = running.clone();
+        other.service = "secret".into();
+        let err = running.can_become(&other).unwrap_err();
+        assert!(err.contains("restart the proxy"), "{err}");
+        let mut same = running.clone();
+        same.service = running.service.to_uppercase();
+        assert_eq!(
+            running.can_become(&same),
+            Ok(()),
+            "service names ignore case"
+        );
+        let mut elsewhere = running.clone();
+        elsewhere.datacenter = "dc9".into();
+        assert!(running.can_become(&elsewhere).is_err());
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub fn spawn_proxy_config(
     cancel: CancellationToken,
 ) -> Subscriber<ProxyConfig> {
     let (config, hash) = initial;
+    let running = config.clone();
     let (tx, rx) = channel(Some(Arc::new(config)));
     tokio::spawn(async move {
         let first = std::sync::Mutex::new(Some(hash));
@@ -116,16 +117,19 @@ pub fn spawn_proxy_config(
             // Resume from the hash of the start-up read instead of fetching it again.
             let hash = cursor.0.or_else(|| first.lock().expect("hash lock").take());
             let wait = settings.wait;
+            let running = &running;
             async move {
                 let (svc, hash) = client
                     .agent_service(&proxy_id, hash.as_deref(), wait)
                     .await?;
-                let converted = ProxyConfig::from_api(&svc, &defaults).map(|c| {
-                    for note in c.notes {
-                        tracing::info!(%note, "proxy configuration");
-                    }
-                    c.config
-                });
+                let converted = ProxyConfig::from_api(&svc, &defaults)
+                    .and_then(|c| running.can_become(&c.config).map(|()| c))
+                    .map(|c| {
+                        for note in c.notes {
+                            tracing::info!(%note, "proxy configuration");
+                        }
+                        c.config
+                    });
                 Ok((Hash(Some(hash)), converted))
             }
         })

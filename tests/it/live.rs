@@ -283,6 +283,30 @@ async fn an_upstream_retargeted_to_another_service_follows_it() {
     .await;
 }
 
+/// Our identity (leaf, intentions) is chosen at start-up; a registration that now fronts
+/// another service is refused as a whole instead of pointing db's identity at secret's app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_for_another_service_is_refused_until_a_restart() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let secret_app = EchoServer::start().await;
+    mesh.agent.set_service(sidecar_json(
+        "db-sidecar-proxy",
+        "secret",
+        mesh.db_public,
+        secret_app.port,
+        vec![],
+        json!({}),
+    ));
+    db.wait_log("restart the proxy to take on the new identity")
+        .await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    let mut conn = Live::open(mesh.db_public, &web_leaf).await;
+    assert!(conn.echoes().await, "db's app still serves");
+    assert_eq!(secret_app.accepted(), 0, "secret's app was never dialled");
+    assert!(!db.logs().contains("UpdatePublic"), "{}", db.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_listener_moves_and_the_local_app_switches_live() {
     let mesh = Mesh::new().await;
