@@ -155,6 +155,7 @@ fn status_json(state: &AdminState) -> String {
             let v = serde_json::json!({
                 "failing": w.failing,
                 "failure": w.failure,
+                "error": w.error,
                 "errors": w.errors,
                 "rejected": w.rejected,
                 "last_success_unix": w.last_success_unix,

@@ -37,6 +37,14 @@ pub enum AppError {
     /// `-sidecar-for` found none or several.
     #[error(transparent)]
     Sidecar(#[from] SidecarError),
+    /// The agent's ACLs refused a watch the proxy cannot start without.
+    #[error("the agent refused the {watch} watch: {error}")]
+    WatchForbidden {
+        /// The watch's name.
+        watch: String,
+        /// The agent's error, naming the permission.
+        error: String,
+    },
     /// The registration cannot be honoured.
     #[error("cannot use the proxy registration: {0}")]
     Registration(String),
@@ -204,10 +212,20 @@ async fn start(
         let _ = admin.tls.set(tls.clone());
     }
     tracing::info!("waiting for certificates, intentions and upstream endpoints from the agent");
-    wait_ready(&tls).await;
-    wait_ready(&intentions).await;
-    for e in &endpoints {
-        wait_ready(e).await;
+    let inputs = async {
+        wait_ready(&tls).await;
+        wait_ready(&intentions).await;
+        for e in &endpoints {
+            wait_ready(e).await;
+        }
+    };
+    // Without a first value there is nothing to serve "fail static" from: an ACL refusal
+    // before then is fatal, as it is for the registration itself (retrying cannot fix it).
+    tokio::select! {
+        () = inputs => {}
+        (watch, error) = settings.health.first_forbidden() => {
+            return Err(AppError::WatchForbidden { watch, error });
+        }
     }
 
     let (registry, metrics) = match &admin {

@@ -53,11 +53,22 @@ impl Default for WatchSettings {
 
 /// The state of every running watch, for operators: a proxy serving from its last good
 /// values ("fail static") looks healthy from the outside, so this is where it shows.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WatchHealth {
     /// Each watch's state, and how many loops with that name run (a replaced watch may
     /// overlap its successor briefly).
     by_name: Mutex<BTreeMap<String, (u32, WatchState)>>,
+    /// Bumped on every failure, so that start-up can react to one without polling.
+    failures: watch::Sender<u64>,
+}
+
+impl Default for WatchHealth {
+    fn default() -> Self {
+        WatchHealth {
+            by_name: Mutex::default(),
+            failures: watch::channel(0).0,
+        }
+    }
 }
 
 /// One watch's state.
@@ -73,6 +84,8 @@ pub struct WatchState {
     pub last_success_unix: Option<u64>,
     /// What the current failure is (`ConsulError::kind`), while failing.
     pub failure: Option<&'static str>,
+    /// The current failure's message, while failing.
+    pub error: Option<String>,
 }
 
 impl WatchHealth {
@@ -82,6 +95,22 @@ impl WatchHealth {
             .iter()
             .map(|(name, (_, state))| (name.clone(), state.clone()))
             .collect()
+    }
+
+    /// Resolves with `(watch, error)` as soon as a watch is refused by the agent's ACLs (403),
+    /// now or later.
+    pub async fn first_forbidden(&self) -> (String, String) {
+        let mut failures = self.failures.subscribe();
+        loop {
+            let forbidden = self.snapshot().into_iter().find_map(|(name, s)| {
+                (s.failure == Some("forbidden")).then(|| (name, s.error.unwrap_or_default()))
+            });
+            if let Some(found) = forbidden {
+                return found;
+            }
+            // The sender lives as long as `self`: this cannot fail while we borrow it.
+            let _ = failures.changed().await;
+        }
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut WatchState)) {
@@ -130,17 +159,20 @@ impl<'a> Reporting<'a> {
         self.health.update(self.name, |s| {
             s.failing = false;
             s.failure = None;
+            s.error = None;
             s.last_success_unix = Some(now);
             s.rejected += u64::from(rejected);
         });
     }
 
-    fn failed(&self, kind: &'static str) {
+    fn failed(&self, err: &ConsulError) {
         self.health.update(self.name, |s| {
             s.failing = true;
-            s.failure = Some(kind);
+            s.failure = Some(err.kind());
+            s.error = Some(err.to_string());
             s.errors += 1;
         });
+        self.health.failures.send_modify(|n| *n += 1);
     }
 }
 
@@ -249,7 +281,7 @@ pub async fn run<T, C, F, Fut>(
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
-                report.failed(err.kind());
+                report.failed(&err);
                 if last_failure != Some(err.kind()) {
                     tracing::warn!(
                         watch = name,

@@ -128,6 +128,34 @@ async fn acl_403_exits_1_naming_the_missing_permission() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_on_the_leaf_before_the_first_certificate_exits_1() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_path_fault(
+        "GET /v1/agent/connect/ca/leaf/",
+        Fault::Status(
+            403,
+            "Permission denied: token with AccessorID 'x' lacks permission 'service:write' on \"db\"".into(),
+        ),
+    );
+    let mut p = ProxyProcess::spawn(
+        &[
+            "-http-addr",
+            &mesh.agent.addr(),
+            "-proxy-id",
+            "db-sidecar-proxy",
+        ],
+        &[],
+    );
+    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
+    let logs = p.logs();
+    assert!(logs.contains("the agent refused the leaf watch"), "{logs}");
+    assert!(
+        logs.contains("the token likely lacks service:write"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_that_cannot_be_honoured_exits_1() {
     let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": "soon"})).await;
     let mut p = ProxyProcess::spawn(
