@@ -5,6 +5,8 @@ use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -40,12 +42,34 @@ impl Drop for UnixPathGuard {
 
 impl Listener {
     /// Binds. A stale unix socket file (nobody listening) is replaced; a live one is an error.
-    pub async fn bind(addr: &BindAddr) -> io::Result<Self> {
+    /// A unix socket with `unix_mode` gets those permissions before it appears at `path`: it
+    /// is bound under a temporary name in the same directory, chmod-ed, then renamed, so no
+    /// one the mode excludes can connect in between.
+    pub async fn bind(addr: &BindAddr, unix_mode: Option<u32>) -> io::Result<Self> {
         match addr {
             BindAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
             BindAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                let l = UnixListener::bind(path)?;
+                let l = match unix_mode {
+                    None => UnixListener::bind(path)?,
+                    Some(mode) => {
+                        let mut name = path.as_os_str().to_owned();
+                        name.push(format!(
+                            ".tmp-{}-{:08x}",
+                            std::process::id(),
+                            rand::random::<u32>()
+                        ));
+                        let tmp = std::path::PathBuf::from(name);
+                        let l = UnixListener::bind(&tmp)?;
+                        let placed = std::fs::set_permissions(&tmp, Permissions::from_mode(mode))
+                            .and_then(|()| std::fs::rename(&tmp, path));
+                        if let Err(e) = placed {
+                            let _ = std::fs::remove_file(&tmp);
+                            return Err(e);
+                        }
+                        l
+                    }
+                };
                 Ok(Listener::Unix(l, UnixPathGuard(path.clone())))
             }
         }
@@ -72,6 +96,16 @@ impl Listener {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             Listener::Unix(_, guard) => format!("unix:{}", guard.0.display()),
         }
+    }
+}
+
+/// Changes a running unix socket listener's permissions (`None`: left as they are).
+pub fn set_socket_mode(addr: &BindAddr, mode: Option<u32>) -> io::Result<()> {
+    match (addr, mode) {
+        (BindAddr::Unix(path), Some(mode)) => {
+            std::fs::set_permissions(path, Permissions::from_mode(mode))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -265,4 +299,27 @@ pub async fn accept_loop<F, Fut>(
         }
     }
     tracing::debug!(listener = kind, %addr, "listener closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_unix_listener_gets_its_mode_before_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sock");
+        let addr = BindAddr::Unix(path.clone());
+        let listener = Listener::bind(&addr, Some(0o600)).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary name left behind: {names:?}");
+        UnixStream::connect(&path).await.unwrap();
+        set_socket_mode(&addr, Some(0o660)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        drop(listener);
+        assert!(!path.exists(), "removed with the listener");
+    }
 }

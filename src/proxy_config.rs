@@ -100,6 +100,9 @@ pub struct UpstreamSpec {
     pub bind: BindAddr,
     /// Limit for one attempt (TCP connect and TLS handshake).
     pub connect_timeout: Duration,
+    /// Permissions of a unix socket listener (`LocalBindSocketMode`); `None` leaves them to
+    /// the umask.
+    pub socket_mode: Option<u32>,
 }
 
 /// An upstream target.
@@ -326,6 +329,24 @@ fn upstream(u: &api::Upstream, notes: &mut Vec<String>) -> Result<Option<Upstrea
     if u.destination_name.is_empty() {
         return Err("an upstream has no DestinationName".into());
     }
+    // Serving these as the local `service <name>` would reach the wrong service.
+    if !u.destination_peer.is_empty() {
+        return Err(format!(
+            "upstream {:?}: DestinationPeer {:?} (cluster peering) is not supported",
+            u.destination_name, u.destination_peer
+        ));
+    }
+    for (field, value) in [
+        ("DestinationNamespace", &u.destination_namespace),
+        ("DestinationPartition", &u.destination_partition),
+    ] {
+        if !value.is_empty() && value != "default" {
+            return Err(format!(
+                "upstream {:?}: {field} {value:?} is not supported (only the default one)",
+                u.destination_name
+            ));
+        }
+    }
     let destination = match u.destination_type.as_str() {
         "" | "service" => Destination::Service(u.destination_name.clone()),
         "prepared_query" => Destination::PreparedQuery(u.destination_name.clone()),
@@ -358,7 +379,22 @@ fn upstream(u: &api::Upstream, notes: &mut Vec<String>) -> Result<Option<Upstrea
         bind,
         connect_timeout: duration_ms(&u.config, "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT)
             .map_err(|e| format!("upstream {:?}: {e}", u.destination_name))?,
+        socket_mode: socket_mode(&u.local_bind_socket_mode)
+            .map_err(|e| format!("upstream {:?}: {e}", u.destination_name))?,
     }))
+}
+
+/// `LocalBindSocketMode`: octal permission bits, at most `0777`.
+fn socket_mode(s: &str) -> Result<Option<u32>, String> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    match u32::from_str_radix(s, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(Some(mode)),
+        _ => Err(format!(
+            "LocalBindSocketMode {s:?} is not an octal file mode such as \"0600\""
+        )),
+    }
 }
 
 fn check_unique_binds(
@@ -631,6 +667,45 @@ mod tests {
                 port: 8080
             }
         );
+    }
+
+    #[test]
+    fn upstreams_in_peers_or_other_namespaces_are_refused() {
+        for (field, value, ok) in [
+            ("DestinationPeer", "cluster-02", false),
+            ("DestinationNamespace", "team", false),
+            ("DestinationPartition", "eu", false),
+            ("DestinationNamespace", "default", true),
+            ("DestinationPartition", "default", true),
+        ] {
+            let mut j = sidecar();
+            j["Proxy"]["Upstreams"][0][field] = value.into();
+            let r = ProxyConfig::from_api(&registration(j), &Defaults::default());
+            match r {
+                Ok(_) => assert!(ok, "{field}={value} should be refused"),
+                Err(e) => {
+                    assert!(!ok, "{field}={value}: {e}");
+                    assert!(e.contains(field) && e.contains("not supported"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(socket_mode(""), Ok(None));
+        assert_eq!(socket_mode("0600"), Ok(Some(0o600)));
+        assert_eq!(socket_mode("660"), Ok(Some(0o660)));
+        for bad in ["rw", "0800", "01777", "-1", "0x600"] {
+            assert!(socket_mode(bad).is_err(), "{bad:?}");
+        }
+        let mut j = sidecar();
+        j["Proxy"]["Upstreams"][0]["LocalBindSocketPath"] = "/run/db.sock".into();
+        j["Proxy"]["Upstreams"][0]["LocalBindSocketMode"] = "0600".into();
+        let cfg = ProxyConfig::from_api(&registration(j), &Defaults::default())
+            .unwrap()
+            .config;
+        assert_eq!(cfg.upstreams[0].socket_mode, Some(0o600));
     }
 
     #[test]

@@ -170,11 +170,11 @@ impl Listeners {
         let mut bound = Vec::new();
         if let Some(public) = &config.public {
             let addr = BindAddr::Tcp(public.bind);
-            bound.push(Listener::bind(&addr).await.map_err(|e| (addr, e))?);
+            bound.push(Listener::bind(&addr, None).await.map_err(|e| (addr, e))?);
         }
         for spec in &config.upstreams {
             bound.push(
-                Listener::bind(&spec.bind)
+                Listener::bind(&spec.bind, spec.socket_mode)
                     .await
                     .map_err(|e| (spec.bind.clone(), e))?,
             );
@@ -202,7 +202,7 @@ impl Listeners {
             match action {
                 Action::StartPublic(p) => {
                     let addr = BindAddr::Tcp(p.bind);
-                    match Listener::bind(&addr).await {
+                    match Listener::bind(&addr, None).await {
                         Ok(l) => {
                             if let Some(old) = self.public.take() {
                                 self.retire(old.handle, "public");
@@ -224,20 +224,29 @@ impl Listeners {
                         self.retire(old.handle, "public");
                     }
                 }
-                Action::StartUpstream(spec) => match Listener::bind(&spec.bind).await {
-                    Ok(l) => {
-                        let cancel = self.shared.background.child_token();
-                        let eps = self.spawn_endpoints(&spec, &cancel);
-                        self.serve_upstream(l, spec, eps, cancel);
+                Action::StartUpstream(spec) => {
+                    match Listener::bind(&spec.bind, spec.socket_mode).await {
+                        Ok(l) => {
+                            let cancel = self.shared.background.child_token();
+                            let eps = self.spawn_endpoints(&spec, &cancel);
+                            self.serve_upstream(l, spec, eps, cancel);
+                        }
+                        Err(error) => {
+                            tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener")
+                        }
                     }
-                    Err(error) => {
-                        tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener")
-                    }
-                },
+                }
                 Action::UpdateUpstream(spec) => {
                     let Some(running) = self.upstreams.get(&spec.bind) else {
                         continue;
                     };
+                    if running.spec.socket_mode != spec.socket_mode {
+                        if let Err(error) =
+                            crate::net::set_socket_mode(&spec.bind, spec.socket_mode)
+                        {
+                            tracing::error!(addr = %spec.bind, %error, "cannot change the upstream socket's mode");
+                        }
+                    }
                     let same_target = running.spec.destination == spec.destination
                         && running.spec.datacenter == spec.datacenter;
                     let (endpoints, endpoints_cancel) = if same_target {
@@ -428,6 +437,7 @@ mod tests {
             datacenter: None,
             bind: BindAddr::Tcp(format!("127.0.0.1:{port}").parse().unwrap()),
             connect_timeout: Duration::from_secs(5),
+            socket_mode: None,
         }
     }
 

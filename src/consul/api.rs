@@ -92,6 +92,18 @@ pub struct Upstream {
     /// Alternatively, a unix socket listener.
     #[serde(deserialize_with = "nullable")]
     pub local_bind_socket_path: String,
+    /// The unix socket's permissions, octal (`"0600"`).
+    #[serde(deserialize_with = "nullable")]
+    pub local_bind_socket_mode: String,
+    /// Enterprise namespace of the destination (omitted on CE).
+    #[serde(deserialize_with = "nullable")]
+    pub destination_namespace: String,
+    /// Enterprise partition of the destination (omitted on CE).
+    #[serde(deserialize_with = "nullable")]
+    pub destination_partition: String,
+    /// A cluster peer the destination lives in.
+    #[serde(deserialize_with = "nullable")]
+    pub destination_peer: String,
     /// Opaque per-upstream config (`connect_timeout_ms`, ...).
     #[serde(deserialize_with = "nullable")]
     pub config: serde_json::Map<String, serde_json::Value>,
