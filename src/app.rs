@@ -28,6 +28,11 @@ use crate::{notify, watchers};
 /// Why the proxy stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// The agent client cannot be set up from the flags and environment (a token, CA or
+    /// client-certificate file that cannot be read or used, an agent address that does not
+    /// resolve): a usage error.
+    #[error(transparent)]
+    Setup(ConsulError),
     /// The agent refused or failed in a way retrying will not fix.
     #[error(transparent)]
     Consul(#[from] ConsulError),
@@ -74,7 +79,9 @@ pub async fn run(
     tuning: Tuning,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AppError> {
-    let client = ConsulClient::new(&config.agent).await?;
+    let client = ConsulClient::new(&config.agent)
+        .await
+        .map_err(AppError::Setup)?;
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
     tokio::pin!(shutdown);
@@ -378,6 +385,16 @@ fn is_unavailable(e: &ConsulError) -> bool {
 }
 
 /// The address a bind error names.
+impl AppError {
+    /// The process exit code: 2 for usage errors (as for bad flags), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Setup(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 impl From<(BindAddr, std::io::Error)> for AppError {
     fn from((addr, source): (BindAddr, std::io::Error)) -> Self {
         AppError::Bind {

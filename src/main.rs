@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "consul-proxy stopped");
             eprintln!("consul-proxy: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
 }

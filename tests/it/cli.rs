@@ -73,3 +73,36 @@ fn version_single_dash() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn files_named_by_flags_or_environment_that_cannot_be_read_exit_2() {
+    let missing = "/nonexistent/consul-proxy-test/file";
+    for (args, env) in [
+        (vec!["-proxy-id", "a", "-token-file", missing], vec![]),
+        (
+            vec!["-proxy-id", "a", "-http-addr", "https://127.0.0.1:1"],
+            vec![("CONSUL_CACERT", missing)],
+        ),
+        (
+            vec![
+                "-proxy-id",
+                "a",
+                "-http-addr",
+                "https://127.0.0.1:1",
+                "-client-cert",
+                missing,
+                "-client-key",
+                missing,
+            ],
+            vec![],
+        ),
+    ] {
+        let out = run(&args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(missing),
+            "{args:?}: names the file: {stderr}"
+        );
+    }
+}
