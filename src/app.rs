@@ -134,8 +134,9 @@ async fn start(
     let proxy_id = match &config.target {
         Target::ProxyId(id) => id.clone(),
         Target::SidecarFor(service) => {
-            let services = retry_while_unavailable(client, || client.agent_services()).await?;
-            let id = select_sidecar(&services, service)?;
+            let (services, filtered) =
+                retry_while_unavailable(client, || client.agent_services()).await?;
+            let id = select_sidecar(&services, filtered, service)?;
             tracing::info!(proxy_id = %id, service = %service, "found the sidecar registration");
             id
         }

@@ -154,17 +154,23 @@ impl ConsulClient {
         Ok((svc, hash))
     }
 
-    /// `GET /v1/agent/services`.
-    pub async fn agent_services(&self) -> Result<HashMap<String, api::AgentService>, ConsulError> {
+    /// `GET /v1/agent/services`; also says whether the agent left out services this token may not read
+    /// (`X-Consul-Results-Filtered-By-Acls: true`).
+    pub async fn agent_services(
+        &self,
+    ) -> Result<(HashMap<String, api::AgentService>, bool), ConsulError> {
         let url = self.url(&["v1", "agent", "services"]);
         let ep = Endpoint {
             what: "service list".into(),
             permission: "service:read on the service and its sidecar".into(),
         };
-        Ok(self
+        let (services, headers) = self
             .call(Method::GET, url, &ep, REQUEST_TIMEOUT, None)
-            .await?
-            .0)
+            .await?;
+        let filtered = headers
+            .get("X-Consul-Results-Filtered-By-Acls")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        Ok((services, filtered))
     }
 
     /// `GET /v1/agent/connect/ca/roots`, blocking.

@@ -217,6 +217,22 @@ async fn acl_default_deny_with_least_privilege_proxy_tokens() {
             "a least-privilege token was refused:\n{log}"
         );
     }
+
+    // A token that may not read web's sidecar: the agent hides it from the service list and
+    // says so in a header, which the error passes on.
+    let narrow = mesh
+        .agent
+        .token_with_rules("narrow", "service \"web\" { policy = \"write\" }\n")
+        .await;
+    let args = mesh.proxy_args("-sidecar-for", "web", Some(&narrow));
+    let mut p = ProxyProcess::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
+    assert!(
+        p.logs()
+            .contains("the token likely lacks service:read on the sidecar"),
+        "{}",
+        p.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
