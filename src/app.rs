@@ -200,7 +200,7 @@ async fn start(
         intentions.clone(),
         roots.clone(),
     );
-    authorizer.spawn_default_prober(background.clone());
+    authorizer.spawn_default_prober(settings.health.recoveries(), background.clone());
     // Discovery for every upstream starts now, so that listeners open with endpoints known.
     let endpoints_cancel = background.child_token();
     let endpoints: Vec<_> = proxy

@@ -111,9 +111,14 @@ impl Authorizer {
         self.inner.default.subscribe()
     }
 
-    /// Spawns the task that learns the default policy now, on every intentions change and
-    /// periodically.
-    pub fn spawn_default_prober(&self, cancel: CancellationToken) {
+    /// Spawns the task that learns the default policy now, on every intentions change, when
+    /// an agent watch recovers (a restarted agent may have another ACL default while the
+    /// intentions, and so their snapshot, stay the same) and periodically.
+    pub fn spawn_default_prober(
+        &self,
+        mut recoveries: watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
         let this = self.clone();
         let mut intentions = self.inner.intentions.clone();
         let probe_name = format!("consul-proxy-default-probe-{:016x}", rand::random::<u64>());
@@ -128,6 +133,7 @@ impl Authorizer {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     r = intentions.changed() => if r.is_err() { return },
+                    r = recoveries.changed() => if r.is_err() { return },
                     ok = sleep_or_cancel(DEFAULT_REFRESH, &cancel) => if !ok { return },
                 }
             }

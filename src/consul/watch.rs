@@ -60,6 +60,9 @@ pub struct WatchHealth {
     by_name: Mutex<BTreeMap<String, (u32, WatchState)>>,
     /// Bumped on every failure, so that start-up can react to one without polling.
     failures: watch::Sender<u64>,
+    /// Bumped whenever a failing watch is answered again (the agent may have restarted with
+    /// other settings).
+    recoveries: watch::Sender<u64>,
 }
 
 impl Default for WatchHealth {
@@ -67,6 +70,7 @@ impl Default for WatchHealth {
         WatchHealth {
             by_name: Mutex::default(),
             failures: watch::channel(0).0,
+            recoveries: watch::channel(0).0,
         }
     }
 }
@@ -113,6 +117,11 @@ impl WatchHealth {
         }
     }
 
+    /// Changes whenever a failing watch recovers.
+    pub fn recoveries(&self) -> watch::Receiver<u64> {
+        self.recoveries.subscribe()
+    }
+
     fn update(&self, name: &str, f: impl FnOnce(&mut WatchState)) {
         if let Some((_, state)) = self.lock().get_mut(name) {
             f(state);
@@ -156,13 +165,18 @@ impl<'a> Reporting<'a> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let mut recovered = false;
         self.health.update(self.name, |s| {
+            recovered = s.failing;
             s.failing = false;
             s.failure = None;
             s.error = None;
             s.last_success_unix = Some(now);
             s.rejected += u64::from(rejected);
         });
+        if recovered {
+            self.health.recoveries.send_modify(|n| *n += 1);
+        }
     }
 
     fn failed(&self, err: &ConsulError) {

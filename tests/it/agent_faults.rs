@@ -291,3 +291,21 @@ async fn the_admin_endpoint_says_not_ready_until_the_agent_answers() {
     p.wait_ready().await;
     assert_eq!(admin_get(admin, "/ready").await.0, 200);
 }
+
+/// An agent that comes back with another ACL default (it restarted with other settings) while
+/// the intentions stay the same: the new default applies without waiting for the periodic
+/// re-probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_default_policy_after_an_agent_outage_is_learned_at_recovery() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    db.wait_log("learned the agent's default intention policy policy=Allow")
+        .await;
+    mesh.agent
+        .set_fault(Some(Fault::Status(500, "No cluster leader".into())));
+    db.wait_log("agent watch failing").await;
+    mesh.agent.set_default_allow(false);
+    mesh.agent.set_fault(None);
+    db.wait_log("learned the agent's default intention policy policy=Deny")
+        .await;
+}
