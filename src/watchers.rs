@@ -17,6 +17,15 @@ use crate::tls::{Leaf, TrustBundle};
 /// How often prepared queries (which cannot block) are re-executed.
 pub const PREPARED_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Endpoint watches may poll this many times back to back ...
+const ENDPOINTS_BURST: u32 = 3;
+/// ... and then once per this interval while the health results keep changing: the rate the
+/// blocking-query docs ask for when results churn (flapping checks on a large service would
+/// otherwise have every proxy on every node re-query the servers several times a second).
+/// A stale endpoint list only costs a retry; the security-relevant watches (roots, leaf,
+/// intentions, our registration) keep the quick default so changes apply at once.
+const ENDPOINTS_REFILL: Duration = Duration::from_secs(15);
+
 fn blocking(index: Index, settings: &WatchSettings) -> Blocking {
     Blocking {
         index: index.0,
@@ -156,6 +165,11 @@ pub fn spawn_endpoints(
     };
     match spec.destination.clone() {
         Destination::Service(service) => {
+            let settings = WatchSettings {
+                burst: ENDPOINTS_BURST,
+                refill: ENDPOINTS_REFILL,
+                ..settings
+            };
             tokio::spawn(async move {
                 watch::run(&name, &settings, tx, cancel, |index: Index| {
                     let client = client.clone();

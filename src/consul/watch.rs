@@ -4,7 +4,8 @@
 //! Rules (Consul's blocking-query docs, and the API reference section 2):
 //! - `index` and `wait` are always sent; the request timeout exceeds `wait + wait/16`;
 //! - an index that goes backwards resets to 0 (one non-blocking read), 0 becomes 1;
-//! - requests are rate-limited by a small token bucket, so a churning value cannot spin;
+//! - requests are rate-limited by a small token bucket, so a churning value cannot spin
+//!   (endpoint watches degrade to one poll per 15 s under churn, see `watchers.rs`);
 //! - errors back off exponentially with jitter up to a cap, and forget the index;
 //! - a returned call is not a change: values are compared before publishing;
 //! - state changes (failing, recovered) are logged once, not on every retry, and every
