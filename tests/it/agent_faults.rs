@@ -87,20 +87,25 @@ async fn agent_unreachable_at_start_waits_then_starts_when_it_appears() {
     );
 }
 
+/// Starts a proxy with `args` against the fake agent, expects exit code 1, and that its logs
+/// contain every one of `needles`.
+async fn exits_1_saying(args: &[&str], needles: &[&str]) {
+    let mut p = ProxyProcess::spawn(args, &[]);
+    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
+    let logs = p.logs();
+    for needle in needles {
+        assert!(logs.contains(needle), "{needle:?} missing from:\n{logs}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_proxy_id_exits_1_with_a_clear_message() {
     let mesh = Mesh::new().await;
-    let mut p = ProxyProcess::spawn(
+    exits_1_saying(
         &["-http-addr", &mesh.agent.addr(), "-proxy-id", "nope"],
-        &[],
-    );
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1));
-    assert!(
-        p.logs()
-            .contains("no service with ID \"nope\" is registered"),
-        "{}",
-        p.logs()
-    );
+        &["no service with ID \"nope\" is registered"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,21 +115,12 @@ async fn acl_403_exits_1_naming_the_missing_permission() {
         403,
         "Permission denied: token with AccessorID 'x' lacks permission 'service:read' on \"db-sidecar-proxy\"".into(),
     )));
-    let mut p = ProxyProcess::spawn(
-        &[
-            "-http-addr",
-            &mesh.agent.addr(),
-            "-proxy-id",
-            "db-sidecar-proxy",
-        ],
-        &[],
-    );
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1));
-    let logs = p.logs();
-    assert!(
-        logs.contains("the token likely lacks service:read"),
-        "{logs}"
-    );
+    let args = mesh.args("db-sidecar-proxy");
+    exits_1_saying(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["the token likely lacks service:read"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,43 +133,26 @@ async fn a_403_on_the_leaf_before_the_first_certificate_exits_1() {
             "Permission denied: token with AccessorID 'x' lacks permission 'service:write' on \"db\"".into(),
         ),
     );
-    let mut p = ProxyProcess::spawn(
+    let args = mesh.args("db-sidecar-proxy");
+    exits_1_saying(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[
-            "-http-addr",
-            &mesh.agent.addr(),
-            "-proxy-id",
-            "db-sidecar-proxy",
+            "the agent refused the leaf watch",
+            "the token likely lacks service:write",
         ],
-        &[],
-    );
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
-    let logs = p.logs();
-    assert!(logs.contains("the agent refused the leaf watch"), "{logs}");
-    assert!(
-        logs.contains("the token likely lacks service:write"),
-        "{logs}"
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_that_cannot_be_honoured_exits_1() {
     let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": "soon"})).await;
-    let mut p = ProxyProcess::spawn(
-        &[
-            "-http-addr",
-            &mesh.agent.addr(),
-            "-proxy-id",
-            "db-sidecar-proxy",
-        ],
-        &[],
-    );
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1));
-    assert!(
-        p.logs()
-            .contains("handshake_timeout_ms must be a non-negative integer"),
-        "{}",
-        p.logs()
-    );
+    let args = mesh.args("db-sidecar-proxy");
+    exits_1_saying(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["handshake_timeout_ms must be a non-negative integer"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
