@@ -108,6 +108,22 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
+    // A resumed session carries the certificates of the handshake that issued its ticket,
+    // verified then; rustls does not check them again. Check them now, so that a certificate
+    // that has expired since (or whose root is gone) cannot come back through a ticket.
+    if resumed {
+        let checked = match chain.split_first() {
+            Some((leaf, intermediates)) => {
+                verify_client_chain(&tls.bundle, leaf, intermediates, verified_at)
+            }
+            None => Err(rustls::Error::NoCertificatesPresented),
+        };
+        if let Err(error) = checked {
+            tracing::info!(%error, "resumed session refused: its certificate is no longer valid");
+            ctx.metrics.inbound_handshake_failed.inc();
+            return;
+        }
+    }
     let identity = match chain.first() {
         Some(cert) => peer::identity(cert).and_then(|p| {
             peer::check_trust_domain(&p.id, &tls.bundle, ctx.trust_domain).map(|()| p)

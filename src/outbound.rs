@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, peer};
+use crate::tls::{MESH_ALPN, TlsConfigs, peer, verify_server_chain};
 
 /// What an upstream listener currently points at; replaced as a whole on reconfiguration.
 pub struct UpstreamTarget {
@@ -173,10 +173,20 @@ fn check_server(
     policy: TrustDomainPolicy,
 ) -> Result<(), AttemptError> {
     let (_, conn) = stream.get_ref();
-    let cert = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(AttemptError::Identity(peer::IdentityError::NoCertificate))?;
+    let chain = conn.peer_certificates().unwrap_or_default();
+    let Some((cert, intermediates)) = chain.split_first() else {
+        return Err(AttemptError::Identity(peer::IdentityError::NoCertificate));
+    };
+    // A resumed session carries the server certificates of the handshake that issued its
+    // ticket; check them again now (expiry, roots since removed).
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        verify_server_chain(&tls.bundle, cert, intermediates, UnixTime::now()).map_err(|e| {
+            AttemptError::Handshake(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("resumed session: {e}"),
+            ))
+        })?;
+    }
     let got = peer::identity(cert).map_err(AttemptError::Identity)?;
     peer::check_trust_domain(&got.id, &tls.bundle, policy).map_err(AttemptError::Identity)?;
     let want = ep.expected_id(tls.bundle.trust_domain());

@@ -19,7 +19,9 @@ pub use bundle::{TrustBundle, first_cert};
 pub use leaf::Leaf;
 pub use peer::{IdentityError, PeerIdentity};
 pub use resume::{ClientConfigs, EndpointTickets, MESH_ALPN};
-pub use verify::{ConnectClientVerifier, ConnectServerVerifier, verify_client_chain};
+pub use verify::{
+    ConnectClientVerifier, ConnectServerVerifier, verify_client_chain, verify_server_chain,
+};
 
 use crate::consul::watch::{Publisher, Subscriber};
 

@@ -65,6 +65,23 @@ pub fn verify_client_chain(
     )
 }
 
+/// Verifies a server chain (leaf, then intermediates) against the bundle at `time`.
+pub fn verify_server_chain(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    time: UnixTime,
+) -> Result<(), rustls::Error> {
+    verify_chain(
+        bundle,
+        &super::provider(),
+        end_entity,
+        intermediates,
+        time,
+        KeyUsage::server_auth(),
+    )
+}
+
 fn pki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as E;
     let ce = match e {

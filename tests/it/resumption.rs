@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use crate::support::fake_agent::{health_entry, intention_json};
 use crate::support::mesh::Mesh;
-use crate::support::tls_client::TlsEchoServer;
+use crate::support::tls_client::{self, TlsEchoServer};
 use crate::support::{DEADLINE, ProxyProcess, eventually, refused, round_trip};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,4 +130,82 @@ async fn tickets_are_never_offered_to_a_non_mesh_server_on_the_same_host() {
         0,
         "no resumption with the successor"
     );
+}
+
+/// A resumed session carries the certificate of the handshake that issued its ticket; once
+/// that certificate has expired, resuming must not get the caller in (a full handshake would
+/// not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_whose_certificate_expired_cannot_come_back_by_resuming() {
+    use std::time::{Duration, SystemTime};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    // Whole seconds: the certificate's notAfter has no finer resolution.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 2);
+    let leaf = mesh.ca.leaf_expiring("web", "dc1", expiry);
+    let mut config = tls_client::client_config(Some(&leaf));
+    config.alpn_protocols = vec![consul_proxy::tls::MESH_ALPN.to_vec()];
+    let config = std::sync::Arc::new(config);
+    let echoes = |mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+        let mut back = [0u8; 4];
+        s.write_all(b"ping").await.is_ok()
+            && matches!(
+                tokio::time::timeout(DEADLINE, s.read_exact(&mut back)).await,
+                Ok(Ok(_))
+            )
+            && &back == b"ping"
+    };
+
+    let first = tls_client::connect_with(mesh.db_public, config.clone())
+        .await
+        .unwrap();
+    assert!(echoes(first).await, "served while the certificate is valid");
+    eventually("the caller's certificate has expired", DEADLINE, || async {
+        (SystemTime::now() > expiry + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+
+    let again = tls_client::connect_with(mesh.db_public, config.clone()).await;
+    if let Ok(s) = again {
+        assert_eq!(
+            s.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "the test must exercise resumption"
+        );
+        assert!(!echoes(s).await, "an expired caller got in by resuming");
+    }
+    db.wait_log("resumed session refused: its certificate is no longer valid")
+        .await;
+}
+
+/// The same on the outbound side: a session resumed with a server whose certificate has
+/// expired since is refused (the retry's full handshake is refused too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_certificate_expired_is_not_trusted_through_a_resumed_session() {
+    use std::time::{Duration, SystemTime};
+
+    let mesh = Mesh::new().await;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 2);
+    mesh.agent
+        .set_leaf("db", &mesh.ca.leaf_expiring("db", "dc1", expiry));
+    let (_db, web) = resuming_mesh(&mesh).await;
+    eventually("db's certificate has expired", DEADLINE, || async {
+        (SystemTime::now() > expiry + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    assert!(
+        !matches!(round_trip(mesh.web_upstream, b"late").await, Ok(b) if b == b"late"),
+        "served through an expired server certificate"
+    );
+    web.wait_log("resumed session: ").await;
 }

@@ -85,6 +85,29 @@ impl TestCa {
 
     /// A leaf with arbitrary URI SANs and validity.
     pub fn leaf_with(&self, service: &str, spec: LeafSpec) -> TestLeaf {
+        self.make_leaf(service, spec, None)
+    }
+
+    /// A normal leaf for `service` in `dc` that expires at `not_after` (whole seconds).
+    pub fn leaf_expiring(
+        &self,
+        service: &str,
+        dc: &str,
+        not_after: std::time::SystemTime,
+    ) -> TestLeaf {
+        let spec = LeafSpec {
+            uris: vec![self.service_uri(service, dc)],
+            expired: false,
+        };
+        self.make_leaf(service, spec, Some(not_after))
+    }
+
+    fn make_leaf(
+        &self,
+        service: &str,
+        spec: LeafSpec,
+        not_after: Option<std::time::SystemTime>,
+    ) -> TestLeaf {
         let serial = self
             .next_serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -109,6 +132,14 @@ impl TestCa {
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 4);
+        }
+        if let Some(t) = not_after {
+            let since_epoch =
+                |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap();
+            let epoch = rcgen::date_time_ymd(1970, 1, 1);
+            let hour = std::time::Duration::from_secs(3600);
+            params.not_before = epoch + (since_epoch(std::time::SystemTime::now()) - hour);
+            params.not_after = epoch + since_epoch(t);
         }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();

@@ -123,20 +123,32 @@ pub async fn connect(
     port: u16,
     leaf: Option<&TestLeaf>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    connect_with(port, Arc::new(client_config(leaf))).await
+}
+
+/// A client config presenting `leaf` (if given) that accepts any server certificate.
+pub fn client_config(leaf: Option<&TestLeaf>) -> rustls::ClientConfig {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny));
-    let config = match leaf {
+    match leaf {
         Some(l) => {
             let (chain, key) = chain_and_key(l);
             builder.with_client_auth_cert(chain, key).unwrap()
         }
         None => builder.with_no_client_auth(),
-    };
+    }
+}
+
+/// Connects to `port` with TLS using `config` (keep the config to resume its sessions).
+pub async fn connect_with(
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    TlsConnector::from(Arc::new(config))
+    TlsConnector::from(config)
         .connect(
             ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
             tcp,
