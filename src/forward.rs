@@ -76,6 +76,9 @@ struct Pump {
     read_done: bool,
     done: bool,
     total: u64,
+    /// A read error that came after data in the same batch: reported once that data is
+    /// written, so that bytes the peer sent before failing are not lost.
+    deferred: Option<io::Error>,
 }
 
 impl Pump {
@@ -107,6 +110,12 @@ impl Pump {
                 // Release the memory: an idle connection keeps no buffer.
                 self.backlog = Vec::new();
                 self.written = 0;
+            }
+            if self.deferred.is_some() {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                if let Some(e) = self.deferred.take() {
+                    return Poll::Ready(Err(e));
+                }
             }
             if self.read_done {
                 ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
@@ -156,7 +165,11 @@ impl Pump {
                         break;
                     }
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Ready(Err(e)) if buf.filled().is_empty() => return Err(e),
+                    Poll::Ready(Err(e)) => {
+                        self.deferred = Some(e);
+                        break;
+                    }
                     Poll::Pending => break,
                 }
             }
@@ -380,6 +393,67 @@ mod tests {
             "live counter agrees"
         );
         assert_eq!(counters.b_to_a.load(Ordering::Relaxed), 0);
+    }
+
+    /// Yields its scripted reads back to back (all ready), accepts and drops writes.
+    struct Scripted(std::collections::VecDeque<io::Result<Vec<u8>>>);
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(Ok(data)) => {
+                    buf.put_slice(&data);
+                    Poll::Ready(Ok(()))
+                }
+                Some(Err(e)) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_read_just_before_an_error_are_delivered_then_the_error_reported() {
+        // What tokio-rustls does when the peer sends data and then closes without
+        // close_notify: the data, then UnexpectedEof on the next read of the same batch.
+        let mut peer = Scripted(
+            [
+                Ok(b"last words".to_vec()),
+                Err(io::ErrorKind::UnexpectedEof.into()),
+            ]
+            .into(),
+        );
+        let (mut proxy_b, mut server) = tokio::io::duplex(1024);
+        let counters = Counters::default();
+        let r = splice(&mut peer, &mut proxy_b, &counters).await;
+        assert_eq!(
+            r.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof,
+            "the error is still reported"
+        );
+        drop(proxy_b);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words", "the bytes before it were delivered");
     }
 
     #[test]
