@@ -152,7 +152,11 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     });
     let conn = registration.conn().clone();
 
-    let decision = ctx.authorizer.authorize(&peer).await;
+    // The drain deadline also cuts a connection still waiting for a decision.
+    let decision = tokio::select! {
+        _ = kill.cancelled() => return,
+        d = ctx.authorizer.authorize(&peer) => d,
+    };
     if !decision.is_allow() {
         tracing::info!(source = %peer.id, reason = %decision.reason, "connection denied");
         ctx.metrics.inbound_denied.inc();
@@ -183,11 +187,13 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     );
     let mut app = tokio::select! {
         biased;
-        // Closed by the enforcer while deciding or dialling: the app must not get this caller.
+        // Closed by the enforcer while deciding or dialling, or cut by the drain deadline:
+        // the app must not get this caller.
         _ = conn.closed() => {
             tracing::info!(reason = conn.close_reason().unwrap_or("closed"), "connection closed by the proxy");
             return;
         }
+        _ = kill.cancelled() => return,
         r = dial => match r {
             Ok(Ok(s)) => s,
             Ok(Err(error)) => {
@@ -217,23 +223,42 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
+    // Limits the operator set (lifetime, idle) close in order; a cut (denied, untrusted,
+    // drain deadline) or an error on either side is passed on as an abort, so that neither
+    // the app nor the caller takes a stream cut short for a complete one.
+    let orderly = tokio::select! {
+        _ = kill.cancelled() => {
+            tracing::debug!("connection cut by shutdown");
+            false
+        }
         _ = conn.closed() => {
             tracing::info!(reason = conn.close_reason().unwrap_or("closed"), "connection closed by the proxy");
+            false
         }
         _ = expire => {
             tracing::info!(lifetime = ?lifetime, "connection reached its maximum lifetime; closing");
             ctx.metrics.closed_lifetime.inc();
+            true
         }
         _ = idle => {
             tracing::info!(idle_timeout = ?settings.idle_timeout, "connection idle too long; closing");
             ctx.metrics.closed_idle.inc();
+            true
         }
         r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => match r {
-            Ok(t) => tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed"),
-            Err(error) => tracing::debug!(%error, "connection ended with an error"),
+            Ok(t) => {
+                tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed");
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "connection ended with an error");
+                false
+            }
         },
+    };
+    if !orderly {
+        app.abort_on_close();
+        tls_stream.get_ref().0.get_ref().abort_on_close();
     }
 }
 

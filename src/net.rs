@@ -21,6 +21,23 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+impl Stream {
+    /// Makes the coming close an abort (a TCP reset instead of an orderly FIN), so that the
+    /// other side cannot take a stream the proxy cut off for a complete one. Unix sockets have
+    /// no such signal; they just close.
+    pub fn abort_on_close(&self) {
+        if let Stream::Tcp(s) = self {
+            abort_on_close(s);
+        }
+    }
+}
+
+/// As [`Stream::abort_on_close`], for a TCP stream (e.g. under TLS).
+pub fn abort_on_close(s: &TcpStream) {
+    // Zero linger does not block on close; failure only means an orderly close instead.
+    let _ = s.set_zero_linger();
+}
+
 /// A local listener, TCP or unix.
 #[derive(Debug)]
 pub enum Listener {

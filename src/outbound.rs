@@ -62,31 +62,36 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     let spec = &target.spec;
     let mut endpoints_rx = target.endpoints.clone();
     // The first discovery answer may still be on its way: wait for it within the budget.
-    let endpoints =
-        match timeout(spec.connect_timeout, endpoints_rx.wait_for(Option::is_some)).await {
+    let wait = timeout(spec.connect_timeout, endpoints_rx.wait_for(Option::is_some));
+    let endpoints = tokio::select! {
+        _ = kill.cancelled() => return local.abort_on_close(),
+        r = wait => match r {
             Ok(Ok(e)) => e.clone(),
             _ => None,
-        };
+        },
+    };
+    // Every failure below closes the local connection with a reset: the client sees that the
+    // upstream could not be reached, not an empty answer.
     let Some(endpoints) = endpoints else {
         tracing::warn!(upstream = %spec.destination, "no endpoints known yet; closing");
         ctx.metrics.upstream_failed.inc();
-        return;
+        return local.abort_on_close();
     };
     let Some(tls) = ctx.tls.borrow().clone() else {
         tracing::warn!("no TLS configuration yet; closing");
-        return;
+        return local.abort_on_close();
     };
     if endpoints.list.is_empty() {
         tracing::warn!(upstream = %spec.destination, "no healthy endpoint; closing");
         ctx.metrics.upstream_failed.inc();
-        return;
+        return local.abort_on_close();
     }
     let order = endpoints::attempt_order(endpoints.list.len(), &mut rand::rng());
     let mut remote = None;
     for i in order {
         let ep = &endpoints.list[i];
         let attempt = tokio::select! {
-            _ = kill.cancelled() => return,
+            _ = kill.cancelled() => return local.abort_on_close(),
             r = attempt(ep, &tls, spec, ctx.trust_domain) => r,
         };
         match attempt {
@@ -106,7 +111,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     let Some((mut remote, ep)) = remote else {
         tracing::warn!(upstream = %spec.destination, "every attempt failed; closing");
         ctx.metrics.upstream_failed.inc();
-        return;
+        return local.abort_on_close();
     };
     ctx.metrics.upstream_connected.inc();
     let resumed = remote.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -117,12 +122,27 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     }
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
     let counters = forward::Counters::default();
-    tokio::select! {
-        _ = kill.cancelled() => tracing::debug!("connection cut by shutdown"),
+    let orderly = tokio::select! {
+        _ = kill.cancelled() => {
+            tracing::debug!("connection cut by shutdown");
+            false
+        }
         r = forward::splice(&mut local, &mut remote, &counters) => match r {
-            Ok(t) => tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed"),
-            Err(error) => tracing::debug!(%error, "connection ended with an error"),
+            Ok(t) => {
+                tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed");
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "connection ended with an error");
+                false
+            }
         },
+    };
+    if !orderly {
+        // A cut or an error (e.g. the server's side ended without TLS close_notify) reaches
+        // both sides as an abort.
+        local.abort_on_close();
+        crate::net::abort_on_close(remote.get_ref().0.get_ref());
     }
 }
 

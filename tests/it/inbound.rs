@@ -265,3 +265,76 @@ async fn slow_handshake_is_cut_at_the_handshake_timeout() {
     assert!(matches!(n, Ok(0) | Err(_)));
     db.wait_log("TLS handshake timed out").await;
 }
+
+/// An app that records, per connection, what it read and whether the stream ended cleanly
+/// (EOF) or with an error (a reset).
+async fn recording_app() -> (
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, std::io::Result<usize>)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let end = s.read_to_end(&mut got).await;
+                let _ = tx.send((got, end));
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A caller whose TCP closes without a TLS close_notify (a crash, a cut cable): the bytes it
+/// sent before reach the app, and the app sees an abort (reset), not a clean end of stream it
+/// could take for a complete request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_ending_without_close_notify_reaches_the_app_as_data_then_a_reset() {
+    let mesh = Mesh::new().await;
+    let (app, mut ends) = recording_app().await;
+    mesh.agent
+        .set_service(crate::support::fake_agent::sidecar_json(
+            "db-sidecar-proxy",
+            "db",
+            mesh.db_public,
+            app,
+            vec![],
+            json!({}),
+        ));
+    let _db = mesh.start_db().await;
+    let leaf = mesh.ca.leaf("web", "dc1");
+
+    // Control: an orderly end (close_notify, then FIN) is a clean end of stream.
+    let mut s = tls_client::connect(mesh.db_public, Some(&leaf))
+        .await
+        .unwrap();
+    s.write_all(b"polite").await.unwrap();
+    s.shutdown().await.unwrap();
+    let (got, end) = tokio::time::timeout(DEADLINE, ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got.as_slice(), end.is_ok()), (&b"polite"[..], true));
+
+    // The same bytes, then the TCP stream ends with no close_notify.
+    let mut s = tls_client::connect(mesh.db_public, Some(&leaf))
+        .await
+        .unwrap();
+    s.write_all(b"abrupt").await.unwrap();
+    s.flush().await.unwrap();
+    let (mut tcp, _) = s.into_inner();
+    tcp.shutdown().await.unwrap();
+    let (got, end) = tokio::time::timeout(DEADLINE, ends.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"abrupt", "the bytes sent before the cut arrive");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the app sees an abort"
+    );
+}

@@ -136,3 +136,46 @@ async fn prepared_query_upstream_reaches_the_query_result() {
     assert_eq!(back, b"via query");
     assert!(mesh.agent.count("GET /v1/query/db-query/execute") >= 1);
 }
+
+/// An upstream whose TLS stream ends without close_notify in the middle of a response: the
+/// local client gets the bytes that came, then a reset, never a clean end of stream it could
+/// take for a complete response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cut_mid_response_reaches_the_local_client_as_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mesh = Mesh::new().await;
+    let acceptor = crate::support::tls_client::acceptor(&mesh.ca.leaf("db", "dc1"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let mut request = [0u8; 3];
+        s.read_exact(&mut request).await.unwrap();
+        s.write_all(b"first half").await.unwrap();
+        s.flush().await.unwrap();
+        let (mut tcp, _) = s.into_inner();
+        tcp.shutdown().await.unwrap(); // FIN, no close_notify
+        tcp
+    });
+    mesh.agent
+        .set_health("db", vec![health_entry("db", port, "dc1")]);
+    let _web = mesh.start_web().await;
+
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", mesh.web_upstream))
+        .await
+        .unwrap();
+    client.write_all(b"GET").await.unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, client.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"first half");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the cut reaches the client as an abort"
+    );
+    drop(server.await.unwrap());
+}

@@ -88,3 +88,50 @@ async fn a_registration_change_during_the_drain_does_not_stop_the_exit() {
         web.logs()
     );
 }
+
+/// The drain deadline also cuts a connection that is still waiting for its authorization (here
+/// the agent takes a minute to answer), and the app never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_cuts_a_connection_still_being_authorized() {
+    use crate::support::fake_agent::Fault;
+    use crate::support::tls_client;
+
+    let mesh = Mesh::new().await;
+    // Every authorize call hangs, including the start-up probe of the default policy: so the
+    // default is unknown and the caller's decision needs the agent.
+    mesh.agent.set_path_fault(
+        "POST /v1/agent/connect/authorize",
+        Fault::Delay(std::time::Duration::from_secs(60)),
+    );
+    let mut db = mesh.start_db_with(&["-drain-timeout", "200ms"]).await;
+    let leaf = mesh.ca.leaf("api", "dc1");
+    let port = mesh.db_public;
+    let caller = tokio::spawn(async move {
+        let mut s = tls_client::connect(port, Some(&leaf)).await.unwrap();
+        let _ = s.write_all(b"x").await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    eventually(
+        "the caller's decision waits on the agent",
+        DEADLINE,
+        || async { (mesh.agent.count("POST /v1/agent/connect/authorize") >= 2).then_some(()) },
+    )
+    .await;
+
+    db.signal("TERM");
+    // Well past the 200 ms drain deadline, well short of the agent client's 15 s request
+    // timeout that would otherwise end the wait.
+    let bound = std::time::Duration::from_secs(5);
+    assert_eq!(
+        db.wait_exit(bound).await.code(),
+        Some(0),
+        "exited at the drain deadline, long before the agent answers: {}",
+        db.logs()
+    );
+    tokio::time::timeout(DEADLINE, caller)
+        .await
+        .expect("the caller's connection was closed")
+        .unwrap();
+    assert_eq!(mesh.echo.accepted(), 0, "the app never got the caller");
+}

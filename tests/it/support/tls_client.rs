@@ -156,6 +156,18 @@ pub async fn connect_with(
         .await
 }
 
+/// A TLS server side presenting `leaf` that asks for, and accepts, any client certificate.
+pub fn acceptor(leaf: &TestLeaf) -> TlsAcceptor {
+    let (chain, key) = chain_and_key(leaf);
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(AcceptAny))
+        .with_single_cert(chain, key)
+        .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
 /// The server's leaf certificate as seen by a client connection.
 pub fn server_cert(s: &tokio_rustls::client::TlsStream<TcpStream>) -> CertificateDer<'static> {
     s.get_ref().1.peer_certificates().unwrap()[0]
@@ -196,14 +208,7 @@ impl TlsEchoServer {
     pub async fn start_on(leaf: &TestLeaf, port: u16) -> Self {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (chain, key) = chain_and_key(leaf);
-        let config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(Arc::new(AcceptAny))
-            .with_single_cert(chain, key)
-            .unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = acceptor(leaf);
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
