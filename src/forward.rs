@@ -216,12 +216,25 @@ enum Progress {
     Blocked,
 }
 
+/// A stream that can wait until it is readable without being read, so that a reader can
+/// allocate its buffer only once there is something to put in it.
+pub trait PollReadReady {
+    /// Ready when a read would not block (it may still, rarely: readiness can be spurious).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl PollReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
 /// A reader adapter that reads from the socket in large chunks and serves smaller reads from
 /// memory. rustls reads ciphertext 4 KiB at a time; under it, this turns four or more read
 /// syscalls per 16 KiB record into a fraction of one. The chunk size adapts: it doubles while
 /// reads fill it (bulk transfer) and halves while they do not (request/response), between
-/// 16 KiB and 256 KiB. The buffer is allocated when data arrives and freed as soon as it has
-/// been consumed, so an idle connection holds none.
+/// 16 KiB and 256 KiB. The buffer is allocated only once the socket is readable and freed as
+/// soon as it has been consumed, so an idle connection holds none.
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
@@ -260,7 +273,7 @@ fn next_chunk(chunk: usize, n: usize) -> usize {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+impl<S: AsyncRead + PollReadReady + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -271,14 +284,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             if out.remaining() >= this.chunk {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
+            // Waiting for data holds no buffer: allocate only once the socket is readable.
+            ready!(this.inner.poll_read_ready(cx))?;
             if this.buf.capacity() < this.chunk {
                 this.buf = bytes::BytesMut::with_capacity(this.chunk);
             }
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.inner),
-                cx,
-                &mut this.buf
-            ))?;
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf);
+            let n = match read {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Spurious readiness: give the buffer back while waiting again.
+                    this.buf = bytes::BytesMut::new();
+                    return Poll::Pending;
+                }
+            };
             this.chunk = next_chunk(this.chunk, n);
             if n == 0 {
                 this.buf = bytes::BytesMut::new();
@@ -477,9 +496,45 @@ mod tests {
         );
     }
 
+    /// A connected loopback TCP pair.
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn read_ahead_holds_no_buffer_while_waiting_for_data() {
+        let (mut w, r) = tcp_pair().await;
+        let mut ra = ReadAhead::new(r);
+        let mut small = [0u8; 100];
+        // After a transfer that grew the chunk size, and while no data is available:
+        w.write_all(&[1u8; 100_000]).await.unwrap();
+        let mut got = 0;
+        while got < 100_000 {
+            got += ra.read(&mut small).await.unwrap();
+        }
+        let waiting = futures_poll_once(&mut ra, &mut small).await;
+        assert!(waiting, "nothing to read: the read is pending");
+        assert_eq!(ra.buf.capacity(), 0, "an idle connection holds no buffer");
+        w.write_all(b"more").await.unwrap();
+        let n = ra.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"more");
+    }
+
+    /// Polls one read once; true if it was pending.
+    async fn futures_poll_once(ra: &mut ReadAhead<tokio::net::TcpStream>, out: &mut [u8]) -> bool {
+        std::future::poll_fn(|cx| {
+            let mut buf = ReadBuf::new(out);
+            Poll::Ready(Pin::new(&mut *ra).poll_read(cx, &mut buf).is_pending())
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn read_ahead_serves_small_reads_from_one_large_read() {
-        let (mut w, r) = tokio::io::duplex(256 * 1024);
+        let (mut w, r) = tcp_pair().await;
         w.write_all(&[7u8; 10_000]).await.unwrap();
         drop(w);
         let mut ra = ReadAhead::new(r);

@@ -32,6 +32,15 @@ impl Stream {
     }
 }
 
+impl crate::forward::PollReadReady for Stream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+}
+
 /// As [`Stream::abort_on_close`], for a TCP stream (e.g. under TLS).
 pub fn abort_on_close(s: &TcpStream) {
     // Zero linger does not block on close; failure only means an orderly close instead.
