@@ -122,6 +122,41 @@ struct RunningUpstream {
 
 struct ListenerHandle {
     stop: CancellationToken,
+    /// Cancelled once the listening socket is closed (after `stop`).
+    closed: CancellationToken,
+}
+
+/// How long a replacement waits for the listener it replaces on the same port to let go.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether two TCP addresses share a port (a listener on one keeps the other from binding
+/// when one of them is a wildcard).
+fn same_tcp_port(a: &BindAddr, b: &BindAddr) -> bool {
+    matches!((a, b), (BindAddr::Tcp(a), BindAddr::Tcp(b)) if a.port() == b.port())
+}
+
+/// Binds `addr`; if the port is taken and `previous` (a listener being replaced, already told
+/// to stop) holds it, waits for it to close its socket and tries once more.
+async fn bind_replacing(
+    addr: &BindAddr,
+    mode: Option<u32>,
+    previous: Option<&CancellationToken>,
+) -> std::io::Result<Listener> {
+    match Listener::bind(addr, mode).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let Some(closed) = previous else {
+                return Err(e);
+            };
+            if tokio::time::timeout(RELEASE_WAIT, closed.cancelled())
+                .await
+                .is_err()
+            {
+                return Err(e);
+            }
+            Listener::bind(addr, mode).await
+        }
+        r => r,
+    }
 }
 
 /// The running listeners.
@@ -197,6 +232,9 @@ impl Listeners {
             tracing::info!("shutting down; ignoring a registration change");
             return;
         }
+        // Upstream listeners stopped by this reconciliation, in case a moved one must wait for
+        // its old socket (same port, another address) or be put back.
+        let mut retired: Vec<(UpstreamSpec, CancellationToken)> = Vec::new();
         for action in plan(&self.running(), desired) {
             tracing::info!(?action, "reconfiguring");
             match action {
@@ -208,6 +246,9 @@ impl Listeners {
                                 self.retire(old.handle, "public");
                             }
                             self.serve_public(l, p);
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+                            self.move_public_on_its_port(p, error).await;
                         }
                         Err(error) => {
                             tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one")
@@ -225,14 +266,27 @@ impl Listeners {
                     }
                 }
                 Action::StartUpstream(spec) => {
-                    match Listener::bind(&spec.bind, spec.socket_mode).await {
-                        Ok(l) => {
-                            let cancel = self.shared.background.child_token();
-                            let eps = self.spawn_endpoints(&spec, &cancel);
-                            self.serve_upstream(l, spec, eps, cancel);
-                        }
+                    let previous = retired
+                        .iter()
+                        .position(|(old, _)| same_tcp_port(&old.bind, &spec.bind));
+                    let closed = previous.map(|i| &retired[i].1);
+                    match bind_replacing(&spec.bind, spec.socket_mode, closed).await {
+                        Ok(l) => self.start_upstream(l, spec),
                         Err(error) => {
-                            tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener")
+                            tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
+                            // A move that cannot happen keeps the upstream where it was.
+                            if let Some(i) = previous {
+                                let (old, _) = retired.swap_remove(i);
+                                match Listener::bind(&old.bind, old.socket_mode).await {
+                                    Ok(l) => {
+                                        tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address");
+                                        self.start_upstream(l, old);
+                                    }
+                                    Err(error) => {
+                                        tracing::error!(addr = %old.bind, %error, "cannot restore the previous upstream listener")
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -271,7 +325,46 @@ impl Listeners {
                 Action::StopUpstream(addr) => {
                     if let Some(old) = self.upstreams.remove(&addr) {
                         old.endpoints_cancel.cancel();
+                        retired.push((old.spec, old.handle.closed.clone()));
                         self.retire(old.handle, "upstream");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves a freshly bound upstream listener with its own endpoint watch.
+    fn start_upstream(&mut self, listener: Listener, spec: UpstreamSpec) {
+        let cancel = self.shared.background.child_token();
+        let eps = self.spawn_endpoints(&spec, &cancel);
+        self.serve_upstream(listener, spec, eps, cancel);
+    }
+
+    /// The public listener moves to another address on the same port (e.g. `127.0.0.1` to
+    /// `0.0.0.0`), which cannot be bound while the old one listens: stop the old one, wait for
+    /// its socket, bind the new one; if that fails, bind the old address again.
+    async fn move_public_on_its_port(&mut self, desired: PublicListener, error: std::io::Error) {
+        let Some(old) = self
+            .public
+            .take_if(|old| old.settings.borrow().bind.port() == desired.bind.port())
+        else {
+            tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener; keeping the old one");
+            return;
+        };
+        let previous = (**old.settings.borrow()).clone();
+        let closed = old.handle.closed.clone();
+        self.retire(old.handle, "public");
+        match bind_replacing(&BindAddr::Tcp(desired.bind), None, Some(&closed)).await {
+            Ok(l) => self.serve_public(l, desired),
+            Err(error) => {
+                tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
+                match Listener::bind(&BindAddr::Tcp(previous.bind), None).await {
+                    Ok(l) => {
+                        tracing::warn!(addr = %previous.bind, "public listener kept at its previous address");
+                        self.serve_public(l, previous);
+                    }
+                    Err(error) => {
+                        tracing::error!(addr = %previous.bind, %error, "cannot restore the previous public listener")
                     }
                 }
             }
@@ -368,6 +461,8 @@ impl Listeners {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let stop = CancellationToken::new();
+        let closed = CancellationToken::new();
+        let released = closed.clone();
         let workers = self.shared.workers.clone();
         let kill = self.shared.kill_all.child_token();
         let conns = TaskTracker::new();
@@ -385,6 +480,8 @@ impl Listeners {
                 move |s| handle(s, conn_kill.clone()),
             )
             .await;
+            // accept_loop owned the listener: its socket is closed now.
+            released.cancel();
             conns.close();
             if tokio::time::timeout(deadline, conns.wait()).await.is_err() {
                 tracing::warn!(
@@ -396,7 +493,7 @@ impl Listeners {
                 conns.wait().await;
             }
         });
-        ListenerHandle { stop }
+        ListenerHandle { stop, closed }
     }
 
     /// Stops a listener; its open connections drain for the drain timeout, then are cut.

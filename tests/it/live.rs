@@ -508,3 +508,51 @@ async fn frequent_intention_changes_do_not_postpone_the_periodic_recheck() {
         db.logs()
     );
 }
+
+/// Moving a listener to another address on the same port (`127.0.0.1` to `0.0.0.0` and back)
+/// cannot bind while the old socket listens: the old one is stopped first, and the listener
+/// keeps serving at its new address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_moved_to_another_address_on_the_same_port_keep_serving() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
+
+    let mut upstream = upstream_json("db", mesh.web_upstream);
+    upstream["LocalBindAddress"] = "0.0.0.0".into();
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        vec![upstream],
+        json!({}),
+    ));
+    web.wait_log(&format!(
+        "upstream listener ready addr=0.0.0.0:{}",
+        mesh.web_upstream
+    ))
+    .await;
+    assert_eq!(round_trip(mesh.web_upstream, b"b").await.unwrap(), b"b");
+
+    // The public listener: registered with an empty Address (all interfaces), now loopback.
+    let mut moved = sidecar_json(
+        "db-sidecar-proxy",
+        "db",
+        mesh.db_public,
+        mesh.echo.port,
+        vec![],
+        json!({}),
+    );
+    moved["Address"] = "127.0.0.1".into();
+    mesh.agent.set_service(moved);
+    db.wait_log(&format!(
+        "public listener ready addr=127.0.0.1:{}",
+        mesh.db_public
+    ))
+    .await;
+    assert_eq!(round_trip(mesh.web_upstream, b"c").await.unwrap(), b"c");
+    assert!(!db.logs().contains("cannot bind"), "{}", db.logs());
+    assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
