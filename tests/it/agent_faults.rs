@@ -39,12 +39,17 @@ async fn agent_errors_and_garbage_keep_the_last_good_state_then_recover() {
     let mesh = Mesh::new().await;
     let db = mesh.start_db().await;
     let _web = mesh.start_web().await;
-    for fault in [
-        Fault::Status(500, "No cluster leader".into()),
-        Fault::Garbage,
+    // Each fault is waited for by its own error text: "agent watch failing" is logged once per
+    // change of failure kind, so it alone would not show that the second fault was seen.
+    for (fault, seen) in [
+        (
+            Fault::Status(500, "No cluster leader".into()),
+            "No cluster leader",
+        ),
+        (Fault::Garbage, "malformed response"),
     ] {
         mesh.agent.set_fault(Some(fault));
-        db.wait_log("agent watch failing").await;
+        db.wait_log(seen).await;
         let r = round_trip(mesh.web_upstream, b"still up").await;
         assert!(
             matches!(&r, Ok(b) if b == b"still up"),
@@ -59,7 +64,7 @@ async fn agent_errors_and_garbage_keep_the_last_good_state_then_recover() {
     mesh.agent
         .set_intentions("db", vec![intention_json("web", "db", "deny", 9)]);
     crate::support::eventually("deny applies after recovery", DEADLINE, || async {
-        refused(mesh.web_upstream).await.then_some(())
+        (refused(mesh.web_upstream).await && db.logs().contains("connection denied")).then_some(())
     })
     .await;
 }

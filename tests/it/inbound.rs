@@ -266,6 +266,44 @@ async fn slow_handshake_is_cut_at_the_handshake_timeout() {
     db.wait_log("TLS handshake timed out").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_trickled_byte_by_byte_is_cut_at_the_handshake_timeout() {
+    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": 300})).await;
+    let db = mesh.start_db().await;
+    // A real ClientHello, sent one byte every 50 ms: it would take seconds to complete, and
+    // every byte resets no timer.
+    let hello = tls_client::client_hello_bytes(&mesh.ca.leaf("web", "dc1"));
+    assert!(hello.len() > 100, "a full ClientHello");
+    let mut s = TcpStream::connect(("127.0.0.1", mesh.db_public))
+        .await
+        .unwrap();
+    let trickle = async {
+        for (sent, byte) in hello.iter().enumerate() {
+            if s.write_all(std::slice::from_ref(byte)).await.is_err() {
+                return sent;
+            }
+            // Pacing the client, not waiting for the proxy.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        hello.len()
+    };
+    let sent = tokio::time::timeout(DEADLINE, trickle).await.unwrap();
+    assert!(
+        sent < hello.len(),
+        "cut while the ClientHello was still arriving ({sent} of {} bytes)",
+        hello.len()
+    );
+    db.wait_log("TLS handshake timed out").await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        end.is_err() || rest.is_empty(),
+        "nothing but a close: {rest:?}"
+    );
+}
+
 /// An app that records, per connection, what it read and whether the stream ended cleanly
 /// (EOF) or with an error (a reset).
 async fn recording_app() -> (

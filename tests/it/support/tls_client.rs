@@ -142,6 +142,20 @@ pub fn client_config(leaf: Option<&TestLeaf>) -> rustls::ClientConfig {
     }
 }
 
+/// The first flight a client presenting `leaf` sends: its ClientHello record(s).
+pub fn client_hello_bytes(leaf: &TestLeaf) -> Vec<u8> {
+    let mut conn = rustls::ClientConnection::new(
+        Arc::new(client_config(Some(leaf))),
+        ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
 /// Connects to `port` with TLS using `config` (keep the config to resume its sessions).
 pub async fn connect_with(
     port: u16,
