@@ -113,7 +113,7 @@ pub async fn run(
         }
     };
     shutdown.await;
-    started.drain(config.drain_timeout).await;
+    started.drain().await;
     Ok(())
 }
 
@@ -250,7 +250,6 @@ async fn start(
         trust_domain: config.trust_domain,
         drain_timeout: config.drain_timeout,
         tracker: TaskTracker::new(),
-        kill_all: CancellationToken::new(),
         background: background.clone(),
         workers: tuning.workers.clone(),
         inbound_active: Default::default(),
@@ -289,8 +288,10 @@ async fn start(
 }
 
 impl Started {
-    /// Stops accepting, lets open connections finish for up to `deadline`, then cuts the rest.
-    async fn drain(self, deadline: Duration) {
+    /// Stops accepting, lets open connections finish for up to the drain timeout, then cuts
+    /// the rest.
+    async fn drain(self) {
+        let deadline = self.shared.drain_timeout;
         notify::stopping();
         if let Some(admin) = &self.admin {
             admin.ready.store(false, Ordering::Relaxed);

@@ -104,6 +104,7 @@ impl Pump {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.written += n;
+                self.count(n, counter);
                 self.needs_flush = true;
             }
             if !self.backlog.is_empty() {
@@ -137,6 +138,13 @@ impl Pump {
                 }
             }
         }
+    }
+
+    /// Counts bytes the writer accepted (not bytes merely read): the totals, `/status` and
+    /// the idle timer see what was passed on.
+    fn count(&mut self, n: usize, counter: &AtomicU64) {
+        self.total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Reads what is ready (into the scratch buffer) and writes as much as the writer takes;
@@ -181,14 +189,13 @@ impl Pump {
                     Progress::Blocked
                 });
             }
-            self.total += data.len() as u64;
-            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
             let mut off = 0;
             while off < data.len() {
                 match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
                     Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                     Poll::Ready(Ok(n)) => {
                         off += n;
+                        self.count(n, counter);
                         self.needs_flush = true;
                     }
                     Poll::Ready(Err(e)) => return Err(e),
@@ -473,6 +480,30 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"last words", "the bytes before it were delivered");
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_when_the_writer_takes_them_not_when_read() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(1024);
+        // The far side holds at most 10 bytes and nobody reads them.
+        let (mut proxy_b, _server) = tokio::io::duplex(10);
+        let counters = std::sync::Arc::new(Counters::default());
+        let live = counters.clone();
+        let task = tokio::spawn(async move {
+            let _ = splice(&mut proxy_a, &mut proxy_b, &live).await;
+        });
+        client.write_all(&[1u8; 100]).await.unwrap();
+        let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while counters.a_to_b.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < end, "nothing counted");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            counters.a_to_b.load(Ordering::Relaxed),
+            10,
+            "only what the writer accepted"
+        );
+        task.abort();
     }
 
     #[test]

@@ -98,8 +98,6 @@ pub struct Shared {
     pub drain_timeout: Duration,
     /// Tracks every listener's life (accepting, then draining its own connections).
     pub tracker: TaskTracker,
-    /// Parent of every listener's kill token: cuts every connection at once.
-    pub kill_all: CancellationToken,
     /// Parent of every endpoint watch.
     pub background: CancellationToken,
     /// Worker runtimes for connections (`-threads` > 1), or `None` to run them here.
@@ -464,7 +462,7 @@ impl Listeners {
         let closed = CancellationToken::new();
         let released = closed.clone();
         let workers = self.shared.workers.clone();
-        let kill = self.shared.kill_all.child_token();
+        let kill = CancellationToken::new();
         let conns = TaskTracker::new();
         let deadline = self.shared.drain_timeout;
         let (accept_stop, conn_kill) = (stop.clone(), kill.clone());
