@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, peer, verify_client_chain};
+use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer, verify_client_chain};
 
 /// What every inbound connection shares.
 pub struct InboundContext {
@@ -109,16 +109,11 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
     // A resumed session carries the certificates of the handshake that issued its ticket,
-    // verified then; rustls does not check them again. Check them now, so that a certificate
-    // that has expired since (or whose root is gone) cannot come back through a ticket.
+    // verified then against these same roots (a change of roots changes the ticket key);
+    // rustls does not look at them again. Check that they are still within their validity
+    // periods, so that a certificate that has expired since cannot come back through a ticket.
     if resumed {
-        let checked = match chain.split_first() {
-            Some((leaf, intermediates)) => {
-                verify_client_chain(&tls.bundle, leaf, intermediates, verified_at)
-            }
-            None => Err(rustls::Error::NoCertificatesPresented),
-        };
-        if let Err(error) = checked {
+        if let Err(error) = check_validity_periods(&chain, verified_at) {
             tracing::info!(%error, "resumed session refused: its certificate is no longer valid");
             ctx.metrics.inbound_handshake_failed.inc();
             return;

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, peer, verify_server_chain};
+use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer};
 
 /// What an upstream listener currently points at; replaced as a whole on reconfiguration.
 pub struct UpstreamTarget {
@@ -194,13 +194,14 @@ fn check_server(
 ) -> Result<(), AttemptError> {
     let (_, conn) = stream.get_ref();
     let chain = conn.peer_certificates().unwrap_or_default();
-    let Some((cert, intermediates)) = chain.split_first() else {
+    let Some(cert) = chain.first() else {
         return Err(AttemptError::Identity(peer::IdentityError::NoCertificate));
     };
     // A resumed session carries the server certificates of the handshake that issued its
-    // ticket; check them again now (expiry, roots since removed).
+    // ticket, verified then against these same roots (session stores start empty whenever the
+    // roots change); check that they have not expired since.
     if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-        verify_server_chain(&tls.bundle, cert, intermediates, UnixTime::now()).map_err(|e| {
+        check_validity_periods(chain, UnixTime::now()).map_err(|e| {
             AttemptError::Handshake(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("resumed session: {e}"),

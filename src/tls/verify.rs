@@ -65,21 +65,38 @@ pub fn verify_client_chain(
     )
 }
 
-/// Verifies a server chain (leaf, then intermediates) against the bundle at `time`.
-pub fn verify_server_chain(
-    bundle: &TrustBundle,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    time: UnixTime,
+/// Checks that every certificate of a chain is within its validity period at `now`.
+///
+/// This is what a resumed session needs re-checked: its chain was verified against the roots
+/// when the ticket was issued, and every change of roots (or of our leaf) starts a new ticket
+/// key and an empty client session store, so a session that resumes was verified against the
+/// bundle in use; only time has moved since. It costs an X.509 parse per certificate instead
+/// of the signature checks of a full verification.
+pub fn check_validity_periods(
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
 ) -> Result<(), rustls::Error> {
-    verify_chain(
-        bundle,
-        &super::provider(),
-        end_entity,
-        intermediates,
-        time,
-        KeyUsage::server_auth(),
-    )
+    use x509_parser::prelude::{ASN1Time, FromDer, X509Certificate};
+    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let at = ASN1Time::from_timestamp(now_secs)
+        .map_err(|_| rustls::Error::General("the clock is out of range".into()))?;
+    for der in chain {
+        let (_, cert) = X509Certificate::from_der(der.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let validity = cert.validity();
+        if at < validity.not_before {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet,
+            ));
+        }
+        if at > validity.not_after {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+        }
+    }
+    if chain.is_empty() {
+        return Err(rustls::Error::NoCertificatesPresented);
+    }
+    Ok(())
 }
 
 fn pki_error(e: webpki::Error) -> rustls::Error {
@@ -259,5 +276,42 @@ impl ServerCertVerifier for ConnectServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn validity_periods_are_checked_for_every_certificate() {
+        let now = UnixTime::now();
+        let current = cert((2020, 1, 1), (2999, 1, 1));
+        let expired = cert((2020, 1, 1), (2020, 1, 4));
+        let future = cert((2998, 1, 1), (2999, 1, 1));
+        assert!(check_validity_periods(std::slice::from_ref(&current), now).is_ok());
+        assert_eq!(
+            check_validity_periods(&[current.clone(), expired], now),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Expired)),
+            "an expired intermediate counts too"
+        );
+        assert_eq!(
+            check_validity_periods(&[future, current], now),
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet
+            ))
+        );
+        assert_eq!(
+            check_validity_periods(&[], now),
+            Err(rustls::Error::NoCertificatesPresented)
+        );
     }
 }
