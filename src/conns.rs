@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::Counters;
 use crate::spiffe::SpiffeId;
+use crate::tls::{TrustBundle, verify_client_chain};
 
 const SHARDS: usize = 16;
 
@@ -132,6 +133,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Conn {
+    /// Verifies the caller's chain against `bundle` at the time of the handshake: a removed
+    /// root fails it, the leaf's own expiry since does not (that is what the maximum lifetime
+    /// is for).
+    pub fn verify_chain(&self, bundle: &TrustBundle) -> Result<(), rustls::Error> {
+        let Some((leaf, intermediates)) = self.chain.split_first() else {
+            return Err(rustls::Error::NoCertificatesPresented);
+        };
+        verify_client_chain(bundle, leaf, intermediates, self.verified_at)
+    }
+
     /// Asks the connection to close, with a reason for its log line. The first reason wins.
     pub fn close(&self, reason: String) {
         let _ = self.close_reason.set(reason);

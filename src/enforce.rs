@@ -10,10 +10,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
-use crate::conns::{Conn, Registry};
+use crate::conns::Registry;
 use crate::consul::watch::Subscriber;
 use crate::metrics::Metrics;
-use crate::tls::{PeerIdentity, TrustBundle, verify_client_chain};
+use crate::tls::{PeerIdentity, TrustBundle};
 
 /// What the enforcer watches and acts on.
 pub struct Enforcer {
@@ -126,7 +126,7 @@ impl Enforcer {
     /// Closes every live connection whose chain no longer ends in a trusted root.
     fn reverify(&self, bundle: &TrustBundle) {
         for conn in self.registry.snapshot() {
-            if let Err(error) = verify(&conn, bundle) {
+            if let Err(error) = conn.verify_chain(bundle) {
                 tracing::warn!(
                     conn.id = conn.id,
                     source = %conn.source,
@@ -146,13 +146,4 @@ fn periodic(period: Duration) -> tokio::time::Interval {
     let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     t
-}
-
-fn verify(conn: &Conn, bundle: &TrustBundle) -> Result<(), rustls::Error> {
-    let Some((leaf, intermediates)) = conn.chain.split_first() else {
-        return Err(rustls::Error::NoCertificatesPresented);
-    };
-    // At the handshake's time: a root removal should close the connection, the leaf's own
-    // expiry should not (that is what -max-conn-lifetime is for).
-    verify_client_chain(bundle, leaf, intermediates, conn.verified_at)
 }

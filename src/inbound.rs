@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer, verify_client_chain};
+use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer};
 
 /// What every inbound connection shares.
 pub struct InboundContext {
@@ -161,13 +161,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     // check it against the current ones (the enforcer may have run before we registered).
     if let Some(current) = ctx.tls.borrow().clone() {
         if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
-            let (leaf, intermediates) = conn
-                .chain
-                .split_first()
-                .expect("identity came from a certificate");
-            if let Err(error) =
-                verify_client_chain(&current.bundle, leaf, intermediates, verified_at)
-            {
+            if let Err(error) = conn.verify_chain(&current.bundle) {
                 tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
                 ctx.metrics.closed_trust.inc();
                 return;
