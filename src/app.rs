@@ -86,24 +86,21 @@ pub async fn run(
     let _stop_background = background.clone().drop_guard();
     tokio::pin!(shutdown);
 
-    let admin = match config.admin_addr {
-        Some(addr) => {
-            let state = Arc::new(AdminState::new(
-                Registry::new(),
-                Arc::new(Metrics::default()),
-                tuning.watch.health.clone(),
-            ));
-            let local = admin::spawn(addr, state.clone(), background.clone())
-                .await
-                .map_err(|source| AppError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tracing::info!(addr = %local, "admin endpoint ready");
-            Some(state)
-        }
-        None => None,
-    };
+    // The process's shared state, served by the admin endpoint when one is configured.
+    let admin = Arc::new(AdminState::new(
+        Registry::new(),
+        Arc::new(Metrics::default()),
+        tuning.watch.health.clone(),
+    ));
+    if let Some(addr) = config.admin_addr {
+        let local = admin::spawn(addr, admin.clone(), background.clone())
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tracing::info!(addr = %local, "admin endpoint ready");
+    }
 
     let started = tokio::select! {
         r = start(&config, &tuning, &client, &background, admin) => r?,
@@ -121,7 +118,7 @@ pub async fn run(
 struct Started {
     listeners: Arc<tokio::sync::Mutex<Listeners>>,
     shared: Arc<Shared>,
-    admin: Option<Arc<AdminState>>,
+    admin: Arc<AdminState>,
 }
 
 async fn start(
@@ -129,7 +126,7 @@ async fn start(
     tuning: &Tuning,
     client: &ConsulClient,
     background: &CancellationToken,
-    admin: Option<Arc<AdminState>>,
+    admin: Arc<AdminState>,
 ) -> Result<Started, AppError> {
     let proxy_id = match &config.target {
         Target::ProxyId(id) => id.clone(),
@@ -151,9 +148,7 @@ async fn start(
             })?;
     let converted =
         ProxyConfig::from_api(&svc, &config.defaults).map_err(AppError::Registration)?;
-    if let Some(admin) = &admin {
-        let _ = admin.service.set(converted.config.service.clone());
-    }
+    let _ = admin.service.set(converted.config.service.clone());
     for note in &converted.notes {
         tracing::info!(%note, "proxy configuration");
     }
@@ -216,9 +211,7 @@ async fn start(
         })
         .collect();
 
-    if let Some(admin) = &admin {
-        let _ = admin.tls.set(tls.clone());
-    }
+    let _ = admin.tls.set(tls.clone());
     tracing::info!("waiting for certificates, intentions and upstream endpoints from the agent");
     let inputs = async {
         wait_ready(&tls).await;
@@ -236,10 +229,7 @@ async fn start(
         }
     }
 
-    let (registry, metrics) = match &admin {
-        Some(a) => (a.registry.clone(), a.metrics.clone()),
-        None => (Registry::new(), Arc::new(Metrics::default())),
-    };
+    let (registry, metrics) = (admin.registry.clone(), admin.metrics.clone());
     let shared = Arc::new(Shared {
         client: client.clone(),
         watch: settings,
@@ -275,9 +265,7 @@ async fn start(
         background.clone(),
     );
 
-    if let Some(admin) = &admin {
-        admin.ready.store(true, Ordering::Relaxed);
-    }
+    admin.ready.store(true, Ordering::Relaxed);
     notify::ready();
     tracing::info!("proxy ready");
     Ok(Started {
@@ -293,9 +281,7 @@ impl Started {
     async fn drain(self) {
         let deadline = self.shared.drain_timeout;
         notify::stopping();
-        if let Some(admin) = &self.admin {
-            admin.ready.store(false, Ordering::Relaxed);
-        }
+        self.admin.ready.store(false, Ordering::Relaxed);
         self.listeners.lock().await.stop_accepting();
         // Each listener drains its own connections for `deadline`, then cuts the rest.
         let tracker = &self.shared.tracker;
