@@ -1,6 +1,6 @@
 //! The admin endpoint (`-admin-addr`, plain HTTP, meant for loopback): `/ready`, `/metrics`
-//! (Prometheus text) and `/status` (JSON: the live inbound connections, the agent watches and
-//! our leaf). Deliberately tiny: GET only, one request per connection. It is up from the
+//! (Prometheus text) and `/status` (JSON: the live inbound and upstream connections, the agent
+//! watches and our leaf). Deliberately tiny: GET only, one request per connection. It is up from the
 //! start, before the agent answers, so that `/ready` says 503 and `/status` says why.
 
 use std::net::SocketAddr;
@@ -12,15 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::conns::Registry;
+use crate::conns::{Registry, Side};
 use crate::consul::watch::{Subscriber, WatchHealth};
 use crate::metrics::{self, Metrics};
 use crate::tls::TlsConfigs;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
-    /// Live connections.
-    pub registry: Arc<Registry>,
+    /// Live inbound connections.
+    pub inbound: Arc<Registry>,
+    /// Live upstream connections.
+    pub upstream: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// True between readiness and the start of shutdown.
@@ -34,10 +36,11 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Not ready, nothing known yet.
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, watches: Arc<WatchHealth>) -> Self {
+    /// Not ready, nothing known yet, no connection.
+    pub fn new(metrics: Arc<Metrics>, watches: Arc<WatchHealth>) -> Self {
         AdminState {
-            registry,
+            inbound: Registry::new(),
+            upstream: Registry::new(),
             metrics,
             ready: AtomicBool::new(false),
             service: OnceLock::new(),
@@ -123,7 +126,9 @@ fn respond(method: &str, path: &str, state: &AdminState) -> (&'static str, &'sta
             "not ready\n".into(),
         ),
         "/metrics" => {
-            let mut text = state.metrics.render(state.registry.len());
+            let mut text = state
+                .metrics
+                .render(state.inbound.len(), state.upstream.len());
             metrics::render_health(&mut text, &state.watches.snapshot(), state.leaf_not_after());
             ("200 OK", "text/plain; version=0.0.4", text)
         }
@@ -133,20 +138,27 @@ fn respond(method: &str, path: &str, state: &AdminState) -> (&'static str, &'sta
 }
 
 fn status_json(state: &AdminState) -> String {
-    let conns: Vec<serde_json::Value> = state
-        .registry
-        .snapshot()
-        .iter()
-        .map(|c| {
-            serde_json::json!({
-                "id": c.id,
-                "source": c.source.to_string(),
-                "started_unix": c.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "bytes_in": c.bytes.a_to_b.load(Ordering::Relaxed),
-                "bytes_out": c.bytes.b_to_a.load(Ordering::Relaxed),
+    let list = |registry: &Registry, peer: &str| -> Vec<serde_json::Value> {
+        registry
+            .snapshot()
+            .iter()
+            .map(|c| {
+                // `bytes_in` is what came from the peer, `bytes_out` what went to it.
+                let (to_b, to_a) = (&c.bytes.a_to_b, &c.bytes.b_to_a);
+                let (from_peer, to_peer) = match c.side {
+                    Side::Inbound => (to_b, to_a),
+                    Side::Upstream => (to_a, to_b),
+                };
+                serde_json::json!({
+                    "id": c.id,
+                    peer: c.peer.to_string(),
+                    "started_unix": c.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    "bytes_in": from_peer.load(Ordering::Relaxed),
+                    "bytes_out": to_peer.load(Ordering::Relaxed),
+                })
             })
-        })
-        .collect();
+            .collect()
+    };
     let watches: serde_json::Map<String, serde_json::Value> = state
         .watches
         .snapshot()
@@ -168,7 +180,8 @@ fn status_json(state: &AdminState) -> String {
         "ready": state.ready.load(Ordering::Relaxed),
         "leaf_not_after_unix": state.leaf_not_after(),
         "watches": watches,
-        "inbound": conns,
+        "inbound": list(&state.inbound, "source"),
+        "upstream": list(&state.upstream, "destination"),
     })
     .to_string()
 }

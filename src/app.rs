@@ -15,7 +15,6 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState};
 use crate::authorizer::Authorizer;
 use crate::config::{Config, Target};
-use crate::conns::Registry;
 use crate::consul::watch::{Subscriber, WatchSettings, backoff};
 use crate::consul::{ConsulClient, ConsulError};
 use crate::discovery::{SidecarError, select_sidecar};
@@ -88,7 +87,6 @@ pub async fn run(
 
     // The process's shared state, served by the admin endpoint when one is configured.
     let admin = Arc::new(AdminState::new(
-        Registry::new(),
         Arc::new(Metrics::default()),
         tuning.watch.health.clone(),
     ));
@@ -229,13 +227,14 @@ async fn start(
         }
     }
 
-    let (registry, metrics) = (admin.registry.clone(), admin.metrics.clone());
+    let metrics = admin.metrics.clone();
     let shared = Arc::new(Shared {
         client: client.clone(),
         watch: settings,
         tls,
         authorizer: authorizer.clone(),
-        registry: registry.clone(),
+        inbound: admin.inbound.clone(),
+        upstream: admin.upstream.clone(),
         metrics: metrics.clone(),
         trust_domain: config.trust_domain,
         drain_timeout: config.drain_timeout,
@@ -250,7 +249,8 @@ async fn start(
 
     let (interval_tx, interval_rx) = watch::channel(proxy.reauthorize_interval);
     Enforcer {
-        registry: registry.clone(),
+        inbound: admin.inbound.clone(),
+        upstream: admin.upstream.clone(),
         authorizer,
         service: proxy.service.clone(),
         roots,
@@ -286,7 +286,7 @@ impl Started {
         // Each listener drains its own connections for `deadline`, then cuts the rest.
         let tracker = &self.shared.tracker;
         tracker.close();
-        tracing::info!(deadline = ?deadline, open = self.shared.registry.len(), "draining open connections");
+        tracing::info!(deadline = ?deadline, inbound = self.shared.inbound.len(), upstream = self.shared.upstream.len(), "draining open connections");
         tracker.wait().await;
         tracing::info!("proxy stopped");
     }

@@ -1,5 +1,6 @@
-//! The registry of live inbound connections: who is connected, since when, how many bytes, and
-//! a handle to close each one. Used to re-check connections when intentions or roots change.
+//! Registries of live connections: who is at the other end, since when, how many bytes, and a
+//! handle to close each one. The proxy keeps one for inbound connections (re-checked when
+//! intentions or roots change) and one for upstream connections (re-checked when roots change).
 //!
 //! The data path never takes a lock: byte counts are relaxed atomics on the connection's own
 //! entry, updated by the splice. The registry's sharded map is touched twice per connection (insert, remove) and when
@@ -15,11 +16,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::Counters;
 use crate::spiffe::SpiffeId;
-use crate::tls::{TrustBundle, verify_client_chain};
+use crate::tls::{TrustBundle, verify_client_chain, verify_server_chain};
 
 const SHARDS: usize = 16;
 
-/// All live inbound connections.
+/// Which side of the proxy a connection is on; it decides how its peer's chain is verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// A caller on the public listener; the peer presented a client certificate.
+    Inbound,
+    /// An upstream server we dialled; the peer presented a server certificate.
+    Upstream,
+}
+
+/// All live connections of one side.
 #[derive(Debug)]
 pub struct Registry {
     shards: Vec<Mutex<HashMap<u64, Arc<Conn>>>>,
@@ -31,17 +41,20 @@ pub struct Registry {
 pub struct Conn {
     /// Registry key.
     pub id: u64,
-    /// The caller's identity.
-    pub source: SpiffeId,
-    /// The caller's certificate serial (colon hex).
+    /// Which side the connection is on.
+    pub side: Side,
+    /// The peer's identity: the caller inbound, the server upstream.
+    pub peer: SpiffeId,
+    /// The peer's certificate serial (colon hex).
     pub serial: String,
-    /// The caller's chain as presented, leaf first (re-verified when roots change).
+    /// The peer's chain as presented, leaf first (re-verified when roots change).
     pub chain: Vec<CertificateDer<'static>>,
     /// When the handshake completed (the time the chain was verified at).
     pub verified_at: UnixTime,
     /// Wall-clock start, for status output.
     pub started: SystemTime,
-    /// Bytes moved so far: `a_to_b` from the caller to the app, `b_to_a` back.
+    /// Bytes moved so far: `a_to_b` from the connection's initiator (the caller inbound, the
+    /// local client upstream), `b_to_a` back.
     pub bytes: Counters,
     cancel: CancellationToken,
     close_reason: OnceLock<String>,
@@ -57,11 +70,13 @@ pub struct Registration {
 /// What is known about a connection when it is registered.
 #[derive(Debug)]
 pub struct NewConn {
-    /// The caller's identity.
-    pub source: SpiffeId,
-    /// The caller's certificate serial.
+    /// Which side the connection is on.
+    pub side: Side,
+    /// The peer's identity.
+    pub peer: SpiffeId,
+    /// The peer's certificate serial.
     pub serial: String,
-    /// The caller's chain, leaf first.
+    /// The peer's chain, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
     /// When it was verified.
     pub verified_at: UnixTime,
@@ -87,7 +102,8 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,
-            source: new.source,
+            side: new.side,
+            peer: new.peer,
             serial: new.serial,
             chain: new.chain,
             verified_at: new.verified_at,
@@ -133,14 +149,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Conn {
-    /// Verifies the caller's chain against `bundle` at the time of the handshake: a removed
-    /// root fails it, the leaf's own expiry since does not (that is what the maximum lifetime
-    /// is for).
+    /// Verifies the peer's chain against `bundle` at the time of the handshake, for the usage
+    /// its side requires: a removed root fails it, the leaf's own expiry since does not (that
+    /// is what the maximum lifetime is for).
     pub fn verify_chain(&self, bundle: &TrustBundle) -> Result<(), rustls::Error> {
         let Some((leaf, intermediates)) = self.chain.split_first() else {
             return Err(rustls::Error::NoCertificatesPresented);
         };
-        verify_client_chain(bundle, leaf, intermediates, self.verified_at)
+        let verify = match self.side {
+            Side::Inbound => verify_client_chain,
+            Side::Upstream => verify_server_chain,
+        };
+        verify(bundle, leaf, intermediates, self.verified_at)
     }
 
     /// Asks the connection to close, with a reason for its log line. The first reason wins.
@@ -179,7 +199,8 @@ mod tests {
 
     fn new_conn(svc: &str) -> NewConn {
         NewConn {
-            source: SpiffeId::new("td.consul", "", "", "dc1", svc),
+            side: Side::Inbound,
+            peer: SpiffeId::new("td.consul", "", "", "dc1", svc),
             serial: "01".into(),
             chain: Vec::new(),
             verified_at: UnixTime::now(),
@@ -196,7 +217,7 @@ mod tests {
         drop(a);
         let left = r.snapshot();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].source.service(), "b");
+        assert_eq!(left[0].peer.service(), "b");
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Live enforcement: when the inputs of an authorization decision change (intentions, the
 //! default policy, the trusted roots), every live inbound connection is checked again with the
 //! same functions used at accept, and those that would now be refused are closed. Optionally
-//! also on a timer (`-reauthorize-interval`).
+//! also on a timer (`-reauthorize-interval`). A removed root also closes the upstream
+//! connections whose server chain ended in it: we could not open them again either.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,15 +11,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
-use crate::conns::Registry;
+use crate::conns::{Registry, Side};
 use crate::consul::watch::Subscriber;
 use crate::metrics::Metrics;
 use crate::tls::{PeerIdentity, TrustBundle};
 
 /// What the enforcer watches and acts on.
 pub struct Enforcer {
-    /// Live connections.
-    pub registry: Arc<Registry>,
+    /// Live inbound connections.
+    pub inbound: Arc<Registry>,
+    /// Live upstream connections.
+    pub upstream: Arc<Registry>,
     /// Decisions.
     pub authorizer: Authorizer,
     /// Our service name, for logs.
@@ -92,11 +95,11 @@ impl Enforcer {
 
     /// Closes every live connection the current intentions and default would refuse.
     async fn reauthorize(&self, why: &str) {
-        let conns = self.registry.snapshot();
+        let conns = self.inbound.snapshot();
         let mut closed = 0usize;
         for conn in &conns {
             let peer = PeerIdentity {
-                id: conn.source.clone(),
+                id: conn.peer.clone(),
                 serial: conn.serial.clone(),
             };
             let decision = self.authorizer.authorize(&peer).await;
@@ -105,7 +108,7 @@ impl Enforcer {
             }
             tracing::warn!(
                 conn.id = conn.id,
-                source = %conn.source,
+                source = %conn.peer,
                 destination = %self.service,
                 reason = %decision.reason,
                 trigger = why,
@@ -123,20 +126,37 @@ impl Enforcer {
         );
     }
 
-    /// Closes every live connection whose chain no longer ends in a trusted root.
+    /// Closes every live connection, inbound and upstream, whose peer's chain no longer ends
+    /// in a trusted root.
     fn reverify(&self, bundle: &TrustBundle) {
-        for conn in self.registry.snapshot() {
-            if let Err(error) = conn.verify_chain(bundle) {
-                tracing::warn!(
-                    conn.id = conn.id,
-                    source = %conn.source,
-                    destination = %self.service,
-                    %error,
-                    "closing a live connection whose certificate chain is no longer trusted"
-                );
-                conn.close(format!("certificate chain no longer trusted: {error}"));
-                self.metrics.closed_trust.inc();
+        let all = self.inbound.snapshot().into_iter();
+        for conn in all.chain(self.upstream.snapshot()) {
+            let Err(error) = conn.verify_chain(bundle) else {
+                continue;
+            };
+            match conn.side {
+                Side::Inbound => {
+                    tracing::warn!(
+                        conn.id = conn.id,
+                        source = %conn.peer,
+                        destination = %self.service,
+                        %error,
+                        "closing a live connection whose certificate chain is no longer trusted"
+                    );
+                    self.metrics.closed_trust.inc();
+                }
+                Side::Upstream => {
+                    tracing::warn!(
+                        conn.id = conn.id,
+                        source = %self.service,
+                        destination = %conn.peer,
+                        %error,
+                        "closing a live upstream connection whose server certificate chain is no longer trusted"
+                    );
+                    self.metrics.upstream_closed_trust.inc();
+                }
             }
+            conn.close(format!("certificate chain no longer trusted: {error}"));
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
-use crate::conns::{NewConn, Registry};
+use crate::conns::{NewConn, Registry, Side};
 use crate::consul::watch::Subscriber;
 use crate::forward::{self, ReadAhead};
 use crate::metrics::Metrics;
@@ -140,7 +140,8 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     // snapshots read below. (Registering after the decision would leave a window, as long as
     // the agent call and the app dial, in which a change is missed.)
     let registration = ctx.registry.register(NewConn {
-        source: peer.id.clone(),
+        side: Side::Inbound,
+        peer: peer.id.clone(),
         serial: peer.serial.clone(),
         chain,
         verified_at,

@@ -17,7 +17,7 @@
 //! inbound          mTLS accept -> identity -> authorize -> dial app -> splice
 //! outbound         local accept -> pick endpoint -> mTLS dial -> verify server -> splice
 //! forward          the byte splice with half-close
-//! conns            registry of live inbound connections (identity, bytes, close handle)
+//! conns            registries of live inbound and upstream connections (peer, bytes, close handle)
 //! enforce          re-checks live connections when intentions, default or roots change
 //! reconcile        desired listeners vs running ones: start, update, retire
 //! metrics, admin   counters; /ready, /metrics, /status

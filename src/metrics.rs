@@ -51,6 +51,9 @@ pub struct Metrics {
     pub upstream_failed: Counter,
     /// Upstream servers that presented the wrong identity.
     pub upstream_identity_mismatch: Counter,
+    /// Live upstream connections closed because the root the server's chain ends in was
+    /// removed.
+    pub upstream_closed_trust: Counter,
     /// Inbound TLS handshakes completed in full.
     pub inbound_tls_full: Counter,
     /// Inbound TLS handshakes that resumed a session.
@@ -62,8 +65,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The Prometheus text exposition, with the live inbound connection gauge.
-    pub fn render(&self, inbound_active: usize) -> String {
+    /// The Prometheus text exposition, with the live connection gauges.
+    pub fn render(&self, inbound_active: usize, upstream_active: usize) -> String {
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
             let _ = writeln!(out, "# HELP consul_proxy_{name} {help}");
@@ -119,6 +122,11 @@ impl Metrics {
             ],
         );
         counter(
+            "upstream_closed_total",
+            "Live upstream connections closed by the proxy, by reason.",
+            &[("{reason=\"trust\"}", self.upstream_closed_trust.get())],
+        );
+        counter(
             "tls_handshakes_total",
             "Completed TLS handshakes by side and kind (resumption happens only between consul-proxy peers).",
             &[
@@ -146,6 +154,12 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE consul_proxy_inbound_active gauge");
         let _ = writeln!(out, "consul_proxy_inbound_active {inbound_active}");
+        let _ = writeln!(
+            out,
+            "# HELP consul_proxy_upstream_active Live upstream connections."
+        );
+        let _ = writeln!(out, "# TYPE consul_proxy_upstream_active gauge");
+        let _ = writeln!(out, "consul_proxy_upstream_active {upstream_active}");
         out
     }
 }
@@ -221,12 +235,15 @@ mod tests {
         m.inbound_denied.inc();
         m.closed_reauthorization.inc();
         m.closed_reauthorization.inc();
-        let text = m.render(3);
+        m.upstream_closed_trust.inc();
+        let text = m.render(3, 2);
         assert!(text.contains("consul_proxy_inbound_connections_total{result=\"denied\"} 1\n"));
+        assert!(text.contains("consul_proxy_upstream_closed_total{reason=\"trust\"} 1\n"));
+        assert!(text.contains("consul_proxy_upstream_active 2\n"));
         assert!(text.contains("consul_proxy_inbound_closed_total{reason=\"reauthorization\"} 2\n"));
         assert!(text.contains("consul_proxy_inbound_active 3\n"));
         m.outbound_tls_resumed.inc();
-        let text = m.render(0);
+        let text = m.render(0, 0);
         assert!(
             text.contains(
                 "consul_proxy_tls_handshakes_total{side=\"outbound\",kind=\"resumed\"} 1\n"

@@ -1,5 +1,7 @@
 //! The upstream side: a local client connects, we pick a healthy endpoint, dial it with mTLS
 //! presenting our leaf, check that the server is the service we meant to reach, and splice.
+//! Every established connection is listed in the upstream registry, so that a removed root
+//! closes the connections whose server chain ended in it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::conns::{NewConn, Registry, Side};
 use crate::consul::watch::Subscriber;
 use crate::endpoints::{self, Endpoint, Endpoints};
 use crate::forward::{self, ReadAhead};
@@ -19,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::proxy_config::UpstreamSpec;
 use crate::spiffe::TrustDomainPolicy;
-use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer};
+use crate::tls::{MESH_ALPN, PeerIdentity, TlsConfigs, check_validity_periods, peer};
 
 /// What an upstream listener currently points at; replaced as a whole on reconfiguration.
 pub struct UpstreamTarget {
@@ -37,6 +40,8 @@ pub struct UpstreamContext {
     pub tls: Subscriber<TlsConfigs>,
     /// Trust-domain policy for servers.
     pub trust_domain: TrustDomainPolicy,
+    /// Live upstream connections.
+    pub registry: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
@@ -95,8 +100,8 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
             r = attempt(ep, &tls, spec, ctx.trust_domain) => r,
         };
         match attempt {
-            Ok(s) => {
-                remote = Some((s, ep));
+            Ok(connected) => {
+                remote = Some((connected, ep));
                 break;
             }
             Err(error @ (AttemptError::Identity(_) | AttemptError::Mismatch { .. })) => {
@@ -108,26 +113,56 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
             }
         }
     }
-    let Some((mut remote, ep)) = remote else {
+    let Some(((mut remote, server), ep)) = remote else {
         tracing::warn!(upstream = %spec.destination, "every attempt failed; closing");
         ctx.metrics.upstream_failed.inc();
         return local.abort_on_close();
     };
-    ctx.metrics.upstream_connected.inc();
+    let verified_at = UnixTime::now();
     let resumed = remote.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     if resumed {
         ctx.metrics.outbound_tls_resumed.inc();
     } else {
         ctx.metrics.outbound_tls_full.inc();
     }
+    let chain: Vec<_> = remote
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let registration = ctx.registry.register(NewConn {
+        side: Side::Upstream,
+        peer: server.id,
+        serial: server.serial,
+        chain,
+        verified_at,
+    });
+    let conn = registration.conn().clone();
+    // The handshake verified the server against the roots of its time; if they changed since,
+    // check it against the current ones (the enforcer may have run before we registered).
+    if let Some(current) = ctx.tls.borrow().clone() {
+        if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
+            if let Err(error) = conn.verify_chain(&current.bundle) {
+                tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "server certificate chain no longer trusted; closing");
+                ctx.metrics.upstream_closed_trust.inc();
+                local.abort_on_close();
+                return crate::net::abort_on_close(remote.get_ref().0.get_ref());
+            }
+        }
+    }
+    ctx.metrics.upstream_connected.inc();
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
-    let counters = forward::Counters::default();
     let orderly = tokio::select! {
         _ = kill.cancelled() => {
             tracing::debug!("connection cut by shutdown");
             false
         }
-        r = forward::splice(&mut local, &mut remote, &counters) => match r {
+        _ = conn.closed() => {
+            tracing::info!(upstream = %spec.destination, endpoint = %ep.authority(), reason = conn.close_reason().unwrap_or("closed"), "upstream connection closed by the proxy");
+            false
+        }
+        r = forward::splice(&mut local, &mut remote, &conn.bytes) => match r {
             Ok(t) => {
                 tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed");
                 true
@@ -139,8 +174,8 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         },
     };
     if !orderly {
-        // A cut or an error (e.g. the server's side ended without TLS close_notify) reaches
-        // both sides as an abort.
+        // A cut, a close by the enforcer or an error (e.g. the server's side ended without
+        // TLS close_notify) reaches both sides as an abort.
         local.abort_on_close();
         crate::net::abort_on_close(remote.get_ref().0.get_ref());
     }
@@ -152,7 +187,7 @@ async fn attempt(
     tls: &TlsConfigs,
     spec: &UpstreamSpec,
     policy: TrustDomainPolicy,
-) -> Result<TlsStream<ReadAhead<TcpStream>>, AttemptError> {
+) -> Result<(TlsStream<ReadAhead<TcpStream>>, PeerIdentity), AttemptError> {
     let budget = spec.connect_timeout;
     let work = async {
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
@@ -170,13 +205,12 @@ async fn attempt(
             .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(AttemptError::Handshake)
-            .and_then(|stream| check_server(&stream, ep, tls, policy).map(|()| stream));
+            .and_then(|stream| check_server(&stream, ep, tls, policy).map(|id| (stream, id)));
         // Tickets are kept for this endpoint only while its latest handshake was with a
         // consul-proxy (our ALPN) that passed the identity check; anything else drops them.
         // (A ticket arrives after the handshake, so this runs before any can be stored.)
         if let Some(tickets) = tickets {
-            let mesh_peer =
-                matches!(&connected, Ok(s) if s.get_ref().1.alpn_protocol() == Some(MESH_ALPN));
+            let mesh_peer = matches!(&connected, Ok((s, _)) if s.get_ref().1.alpn_protocol() == Some(MESH_ALPN));
             tickets.record_handshake(mesh_peer);
         }
         connected
@@ -186,12 +220,13 @@ async fn attempt(
         .map_err(|_| AttemptError::Timeout(budget))?
 }
 
+/// The server's identity, once it has proved to be the one `ep` names.
 fn check_server(
     stream: &TlsStream<ReadAhead<TcpStream>>,
     ep: &Endpoint,
     tls: &TlsConfigs,
     policy: TrustDomainPolicy,
-) -> Result<(), AttemptError> {
+) -> Result<PeerIdentity, AttemptError> {
     let (_, conn) = stream.get_ref();
     let chain = conn.peer_certificates().unwrap_or_default();
     let Some(cert) = chain.first() else {
@@ -217,5 +252,5 @@ fn check_server(
             want: want.to_string(),
         });
     }
-    Ok(())
+    Ok(got)
 }

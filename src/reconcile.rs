@@ -89,7 +89,9 @@ pub struct Shared {
     /// Authorization.
     pub authorizer: Authorizer,
     /// Live inbound connections.
-    pub registry: Arc<Registry>,
+    pub inbound: Arc<Registry>,
+    /// Live upstream connections.
+    pub upstream: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Trust-domain policy.
@@ -402,7 +404,7 @@ impl Listeners {
             tls: s.tls.clone(),
             authorizer: s.authorizer.clone(),
             trust_domain: s.trust_domain,
-            registry: s.registry.clone(),
+            registry: s.inbound.clone(),
             metrics: s.metrics.clone(),
             active: s.inbound_active.clone(),
         });
@@ -432,6 +434,7 @@ impl Listeners {
             target: rx,
             tls: s.tls.clone(),
             trust_domain: s.trust_domain,
+            registry: s.upstream.clone(),
             metrics: s.metrics.clone(),
         });
         let handle = self.spawn_accept(listener, "upstream", move |stream, kill| {

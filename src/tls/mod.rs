@@ -21,6 +21,7 @@ pub use peer::{IdentityError, PeerIdentity};
 pub use resume::{ClientConfigs, EndpointTickets, MESH_ALPN};
 pub use verify::{
     ConnectClientVerifier, ConnectServerVerifier, check_validity_periods, verify_client_chain,
+    verify_server_chain,
 };
 
 use crate::consul::watch::{Publisher, Subscriber};

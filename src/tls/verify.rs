@@ -65,6 +65,23 @@ pub fn verify_client_chain(
     )
 }
 
+/// Verifies a server chain (leaf, then intermediates) against the bundle at `time`.
+pub fn verify_server_chain(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    time: UnixTime,
+) -> Result<(), rustls::Error> {
+    verify_chain(
+        bundle,
+        &super::provider(),
+        end_entity,
+        intermediates,
+        time,
+        KeyUsage::server_auth(),
+    )
+}
+
 /// Checks that every certificate of a chain is within its validity period at `now`.
 ///
 /// This is what a resumed session needs re-checked: its chain was verified against the roots

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use crate::support::fake_agent::{health_entry, intention_json, sidecar_json, upstream_json};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{TestCa, TestLeaf};
-use crate::support::tls_client;
+use crate::support::tls_client::{self, TlsEchoServer};
 use crate::support::{
     DEADLINE, EchoServer, ProxyProcess, eventually, free_port, refused, round_trip,
 };
@@ -555,4 +555,79 @@ async fn listeners_moved_to_another_address_on_the_same_port_keep_serving() {
     assert_eq!(round_trip(mesh.web_upstream, b"c").await.unwrap(), b"c");
     assert!(!db.logs().contains("cannot bind"), "{}", db.logs());
     assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_root_closes_upstream_connections_whose_server_chain_ended_in_it() {
+    use std::sync::atomic::Ordering;
+    let mesh = Mesh::new().await;
+    let ca2 = TestCa::new("11111111-2222-3333-4444-555555555555");
+    mesh.agent.set_roots(TestCa::roots_json(&[&mesh.ca, &ca2]));
+    // Two db endpoints whose chains end in different roots.
+    let old_db = TlsEchoServer::start(&mesh.ca.leaf("db", "dc1")).await;
+    let new_db = TlsEchoServer::start(&ca2.leaf("db", "dc1")).await;
+    mesh.agent.set_health(
+        "db",
+        vec![
+            health_entry("db", old_db.port, "dc1"),
+            health_entry("db", new_db.port, "dc1"),
+        ],
+    );
+    let admin = free_port();
+    let web = mesh
+        .start_web_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    // The endpoint is picked at random: open connections until one reached each server.
+    let (mut to_old, mut to_new) = (None, None);
+    for _ in 0..64 {
+        let before = old_db.handshakes.load(Ordering::SeqCst);
+        let conn = open_echoing(mesh.web_upstream).await;
+        if old_db.handshakes.load(Ordering::SeqCst) > before {
+            to_old.get_or_insert(conn);
+        } else {
+            to_new.get_or_insert(conn);
+        }
+        if to_old.is_some() && to_new.is_some() {
+            break;
+        }
+    }
+    let (mut to_old, mut to_new) = (to_old.unwrap(), to_new.unwrap());
+    eventually("both upstream connections are listed", DEADLINE, || async {
+        let m = metrics(admin).await;
+        m.contains("consul_proxy_upstream_active 2\n").then_some(())
+    })
+    .await;
+    let status: serde_json::Value =
+        serde_json::from_str(&crate::support::admin_get(admin, "/status").await.1).unwrap();
+    let listed = status["upstream"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{status}");
+    assert!(
+        listed.iter().all(|c| c["destination"]
+            == "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/db"),
+        "{status}"
+    );
+
+    // The root that old_db's chain ends in goes; ca2 stays.
+    let ca3 = TestCa::new("11111111-2222-3333-4444-555555555555");
+    mesh.agent.set_roots(TestCa::roots_json(&[&ca2, &ca3]));
+    wait_closed(&mut to_old).await;
+    let mut b = [0u8; 1];
+    to_new.write_all(b"!").await.unwrap();
+    tokio::time::timeout(DEADLINE, to_new.read_exact(&mut b))
+        .await
+        .expect("echo")
+        .unwrap();
+    assert_eq!(
+        &b, b"!",
+        "the connection to the kept root's server is untouched"
+    );
+    web.wait_log(
+        "closing a live upstream connection whose server certificate chain is no longer trusted",
+    )
+    .await;
+    let m = metrics(admin).await;
+    assert!(
+        m.contains("consul_proxy_upstream_closed_total{reason=\"trust\"} 1\n"),
+        "{m}"
+    );
 }
