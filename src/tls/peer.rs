@@ -56,11 +56,7 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityError
         .iter()
         .flat_map(|ext| ext.value.general_names.iter())
         .filter_map(|name| match name {
-            GeneralName::URI(uri)
-                if uri.len() >= 9 && uri[..9].eq_ignore_ascii_case("spiffe://") =>
-            {
-                Some(*uri)
-            }
+            GeneralName::URI(uri) if is_spiffe_uri(uri) => Some(*uri),
             _ => None,
         });
     let first = uris.next().ok_or(IdentityError::NoSpiffeId)?;
@@ -102,9 +98,31 @@ fn colon_hex(bytes: &[u8]) -> String {
         .join(":")
 }
 
+/// Whether a URI SAN uses the `spiffe` scheme (any case). URI SANs may carry non-ASCII bytes
+/// that x509-parser passes through as UTF-8, so this must not slice inside a character.
+fn is_spiffe_uri(uri: &str) -> bool {
+    uri.get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spiffe_scheme_check_is_case_insensitive_and_safe_on_any_utf8() {
+        assert!(is_spiffe_uri(
+            "spiffe://td.consul/ns/default/dc/dc1/svc/web"
+        ));
+        assert!(is_spiffe_uri(
+            "SPIFFE://td.consul/ns/default/dc/dc1/svc/web"
+        ));
+        assert!(!is_spiffe_uri("https://example.com/"));
+        assert!(!is_spiffe_uri("spiffe:/"));
+        // Byte 9 falls inside the two-byte 'é': slicing there would panic.
+        assert!(!is_spiffe_uri("https://\u{e9}x.example"));
+        assert!(!is_spiffe_uri("spiffe:/\u{e9}"));
+    }
 
     #[test]
     fn colon_hex_is_minimal_lowercase() {
