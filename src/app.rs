@@ -243,21 +243,23 @@ async fn start(
         workers: tuning.workers.clone(),
         inbound_active: Default::default(),
     });
-    let mut listeners = Listeners::new(shared.clone());
-    listeners.start(&proxy, endpoints, endpoints_cancel).await?;
-    let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
-
+    // The enforcer subscribes before the first connection is accepted, so that no change
+    // published in between is taken as already seen.
     let (interval_tx, interval_rx) = watch::channel(proxy.reauthorize_interval);
     Enforcer {
         inbound: admin.inbound.clone(),
         upstream: admin.upstream.clone(),
         authorizer,
         service: proxy.service.clone(),
-        roots,
+        tls: shared.tls.clone(),
         interval: interval_rx,
         metrics: metrics.clone(),
     }
     .spawn(background.clone());
+    let mut listeners = Listeners::new(shared.clone());
+    listeners.start(&proxy, endpoints, endpoints_cancel).await?;
+    let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
+
     spawn_reconciler(
         config_rx,
         listeners.clone(),

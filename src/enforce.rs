@@ -14,7 +14,7 @@ use crate::authorizer::Authorizer;
 use crate::conns::{Registry, Side};
 use crate::consul::watch::Subscriber;
 use crate::metrics::Metrics;
-use crate::tls::{PeerIdentity, TrustBundle};
+use crate::tls::{PeerIdentity, TlsConfigs, TrustBundle};
 
 /// What the enforcer watches and acts on.
 pub struct Enforcer {
@@ -26,30 +26,60 @@ pub struct Enforcer {
     pub authorizer: Authorizer,
     /// Our service name, for logs.
     pub service: String,
-    /// Trusted roots.
-    pub roots: Subscriber<TrustBundle>,
+    /// The TLS configurations handshakes use: their roots are the trusted ones. Following
+    /// these (not the raw roots watch) is what makes a connection's own re-check and the
+    /// enforcer see the same publication: a connection registers, then compares the bundle of
+    /// its handshake with the current one; a change published after that read finds the
+    /// connection registered.
+    pub tls: Subscriber<TlsConfigs>,
     /// Periodic re-check interval; `None` is off.
     pub interval: watch::Receiver<Option<Duration>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
 }
 
+/// The enforcer's subscriptions, each marked seen when taken.
+struct Inputs {
+    intentions: Subscriber<crate::authz::Intentions>,
+    default: watch::Receiver<Option<crate::authz::DefaultPolicy>>,
+    tls: Subscriber<TlsConfigs>,
+}
+
 impl Enforcer {
-    /// Runs until cancelled.
-    pub fn spawn(self, cancel: CancellationToken) {
-        tokio::spawn(async move { self.run(cancel).await });
+    /// Subscribes to every input now, then runs until cancelled. Call it before the first
+    /// connection is accepted: a change published after this call reaches the enforcer, and
+    /// one published before it is in the values the first connections read.
+    pub fn spawn(mut self, cancel: CancellationToken) {
+        let mut inputs = Inputs {
+            intentions: self.authorizer.subscribe_intentions(),
+            default: self.authorizer.subscribe_default(),
+            tls: self.tls.clone(),
+        };
+        inputs.intentions.borrow_and_update();
+        inputs.default.borrow_and_update();
+        let trusted = inputs
+            .tls
+            .borrow_and_update()
+            .as_ref()
+            .map(|t| t.bundle.clone());
+        let period = *self.interval.borrow_and_update();
+        tokio::spawn(async move { self.run(inputs, trusted, period, cancel).await });
     }
 
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut intentions = self.authorizer.subscribe_intentions();
-        let mut default = self.authorizer.subscribe_default();
-        let mut roots = self.roots.clone();
-        let mut trusted = roots.borrow_and_update().clone();
-        intentions.borrow_and_update();
-        default.borrow_and_update();
+    async fn run(
+        mut self,
+        inputs: Inputs,
+        mut trusted: Option<Arc<TrustBundle>>,
+        mut period: Option<Duration>,
+        cancel: CancellationToken,
+    ) {
+        let Inputs {
+            mut intentions,
+            mut default,
+            mut tls,
+        } = inputs;
         // The periodic timer is kept across events (re-created only when its period changes),
         // so that frequent intention changes cannot keep postponing it.
-        let mut period = *self.interval.borrow_and_update();
         let mut timer = period.map(periodic);
         loop {
             let tick = async {
@@ -70,9 +100,9 @@ impl Enforcer {
                     if r.is_err() { return }
                     self.reauthorize("default policy changed").await;
                 }
-                r = roots.changed() => {
+                r = tls.changed() => {
                     if r.is_err() { return }
-                    let new = roots.borrow_and_update().clone();
+                    let new = tls.borrow_and_update().as_ref().map(|t| t.bundle.clone());
                     if let (Some(old), Some(new)) = (&trusted, &new) {
                         if old.removes_anchors_of(new) {
                             self.reverify(new);
