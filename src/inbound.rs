@@ -213,9 +213,10 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             None => std::future::pending().await,
         }
     };
-    // Limits the operator set (lifetime, idle) close in order; a cut (denied, untrusted,
-    // drain deadline) or an error on either side is passed on as an abort, so that neither
-    // the app nor the caller takes a stream cut short for a complete one.
+    // Every close the proxy starts while both peers are still connected (denied, untrusted,
+    // drain deadline, lifetime, idle), and an error on either side, is passed on as an abort:
+    // the select drops the splice with whatever it had read but not yet written, and a FIN
+    // would let the app take a stream cut short for a complete one.
     let orderly = tokio::select! {
         _ = kill.cancelled() => {
             tracing::debug!("connection cut by shutdown");
@@ -228,12 +229,12 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         _ = expire => {
             tracing::info!(lifetime = ?lifetime, "connection reached its maximum lifetime; closing");
             ctx.metrics.closed_lifetime.inc();
-            true
+            false
         }
         _ = idle => {
             tracing::info!(idle_timeout = ?settings.idle_timeout, "connection idle too long; closing");
             ctx.metrics.closed_idle.inc();
-            true
+            false
         }
         r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => match r {
             Ok(t) => {
