@@ -164,7 +164,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
             if let Err(error) = conn.verify_chain(&current.bundle) {
                 tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
-                ctx.metrics.closed_trust.inc();
+                ctx.metrics.inbound_handshake_failed.inc();
                 return;
             }
         }

@@ -29,7 +29,8 @@ pub struct Metrics {
     pub inbound_authorized: Counter,
     /// Inbound connections refused by authorization.
     pub inbound_denied: Counter,
-    /// Inbound TLS handshakes that failed (bad or missing certificate, garbage, timeout).
+    /// Inbound TLS handshakes that failed (bad or missing certificate, a chain whose root was
+    /// removed while the handshake ran, garbage, timeout).
     pub inbound_handshake_failed: Counter,
     /// Inbound callers whose certificate carried no usable identity.
     pub inbound_identity_rejected: Counter,
