@@ -195,17 +195,15 @@ async fn start(
     );
     authorizer.spawn_default_prober(settings.health.recoveries(), background.clone());
     // Discovery for every upstream starts now, so that listeners open with endpoints known.
-    let endpoints_cancel = background.child_token();
+    // Each watch has its own token, so that stopping its upstream later stops it.
     let endpoints: Vec<_> = proxy
         .upstreams
         .iter()
         .map(|spec| {
-            watchers::spawn_endpoints(
-                client.clone(),
-                spec,
-                settings.clone(),
-                endpoints_cancel.clone(),
-            )
+            let cancel = background.child_token();
+            let watch =
+                watchers::spawn_endpoints(client.clone(), spec, settings.clone(), cancel.clone());
+            (watch, cancel)
         })
         .collect();
 
@@ -214,8 +212,24 @@ async fn start(
     let inputs = async {
         wait_ready(&tls).await;
         wait_ready(&intentions).await;
-        for e in &endpoints {
-            wait_ready(e).await;
+        // Endpoints are waited for only so long: an upstream the agent cannot answer for (an
+        // unknown datacenter, a missing prepared query) must not keep the rest from serving.
+        // Its listener opens anyway and refuses connections until endpoints are known.
+        let all = async {
+            for (e, _) in &endpoints {
+                wait_ready(e).await;
+            }
+        };
+        if tokio::time::timeout(ENDPOINTS_WAIT, all).await.is_err() {
+            for (spec, (e, _)) in proxy.upstreams.iter().zip(&endpoints) {
+                if e.borrow().is_none() {
+                    tracing::warn!(
+                        upstream = %spec.destination,
+                        waited = ?ENDPOINTS_WAIT,
+                        "no endpoints from the agent yet; the upstream listener opens anyway and refuses connections until they arrive"
+                    );
+                }
+            }
         }
     };
     // Without a first value there is nothing to serve "fail static" from: an ACL refusal
@@ -257,7 +271,7 @@ async fn start(
     }
     .spawn(background.clone());
     let mut listeners = Listeners::new(shared.clone());
-    listeners.start(&proxy, endpoints, endpoints_cancel).await?;
+    listeners.start(&proxy, endpoints).await?;
     let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
 
     spawn_reconciler(
@@ -301,25 +315,52 @@ fn spawn_reconciler(
     interval: watch::Sender<Option<Duration>>,
     cancel: CancellationToken,
 ) {
-    config.borrow_and_update();
     tokio::spawn(async move {
+        // The first pass applies the registration as it is now (not marked seen beforehand): a
+        // change published while the proxy was starting is applied, and an unchanged one is a
+        // no-op. A pass that could not reach the desired state is tried again with backoff.
+        let mut retry: Option<Duration> = None;
         loop {
+            let desired = config.borrow_and_update().clone();
+            if let Some(desired) = desired {
+                let converged = listeners.lock().await.apply(&desired).await;
+                interval.send_if_modified(|current| {
+                    let changed = *current != desired.reauthorize_interval;
+                    *current = desired.reauthorize_interval;
+                    changed
+                });
+                retry = (!converged).then(|| next_retry(retry));
+                if let Some(after) = retry {
+                    tracing::warn!(?after, "the registration is not fully applied; retrying");
+                }
+            }
+            let later = async {
+                match retry {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = config.changed() => if r.is_err() { return },
+                r = config.changed() => {
+                    if r.is_err() { return }
+                    retry = None;
+                    tracing::info!("the proxy registration changed; reconciling");
+                }
+                _ = later => {}
             }
-            let Some(desired) = config.borrow_and_update().clone() else {
-                continue;
-            };
-            tracing::info!("the proxy registration changed; reconciling");
-            listeners.lock().await.apply(&desired).await;
-            interval.send_if_modified(|current| {
-                let changed = *current != desired.reauthorize_interval;
-                *current = desired.reauthorize_interval;
-                changed
-            });
         }
     });
+}
+
+/// How long start-up waits for every upstream's first endpoints before serving anyway.
+const ENDPOINTS_WAIT: Duration = Duration::from_secs(10);
+
+/// The wait before the next reconciliation attempt: 1 s, doubling, at most 30 s.
+fn next_retry(previous: Option<Duration>) -> Duration {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    previous.map_or(FIRST, |d| (d * 2).min(MAX))
 }
 
 async fn wait_ready<T>(rx: &Subscriber<T>) {

@@ -135,6 +135,11 @@ fn same_tcp_port(a: &BindAddr, b: &BindAddr) -> bool {
     matches!((a, b), (BindAddr::Tcp(a), BindAddr::Tcp(b)) if a.port() == b.port())
 }
 
+/// Whether two upstream specs reach the same thing (a listener moving between them is a move).
+fn same_target(a: &UpstreamSpec, b: &UpstreamSpec) -> bool {
+    a.destination == b.destination && a.datacenter == b.datacenter
+}
+
 /// Binds `addr`; if the port is taken and `previous` (a listener being replaced, already told
 /// to stop) holds it, waits for it to close its socket and tries once more.
 async fn bind_replacing(
@@ -195,12 +200,12 @@ impl Listeners {
     }
 
     /// Binds every listener of the first configuration, with already-started endpoint
-    /// watches; any bind failure is returned (nothing is served until all are bound).
+    /// watches (one per upstream, in order, each with the token that stops it); any bind
+    /// failure is returned (nothing is served until all are bound).
     pub async fn start(
         &mut self,
         config: &ProxyConfig,
-        endpoints: Vec<Subscriber<Endpoints>>,
-        endpoints_cancel: CancellationToken,
+        endpoints: Vec<(Subscriber<Endpoints>, CancellationToken)>,
     ) -> Result<(), (BindAddr, std::io::Error)> {
         let mut bound = Vec::new();
         if let Some(public) = &config.public {
@@ -219,23 +224,78 @@ impl Listeners {
             // Invariant: one listener was bound above for the public listener.
             self.serve_public(bound.next().expect("bound public listener"), public.clone());
         }
-        for (spec, eps) in config.upstreams.iter().zip(endpoints) {
+        for (spec, (eps, cancel)) in config.upstreams.iter().zip(endpoints) {
             let listener = bound.next().expect("bound upstream listener");
-            self.serve_upstream(listener, spec.clone(), eps, endpoints_cancel.child_token());
+            self.serve_upstream(listener, spec.clone(), eps, cancel);
         }
         Ok(())
     }
 
     /// Applies a new configuration; failures are logged and leave that listener as it was.
-    pub async fn apply(&mut self, desired: &ProxyConfig) {
+    /// Returns whether what runs now is what `desired` asks for (false: try again later).
+    pub async fn apply(&mut self, desired: &ProxyConfig) -> bool {
         if self.stopping {
             tracing::info!("shutting down; ignoring a registration change");
-            return;
+            return true;
+        }
+        let actions = plan(&self.running(), desired);
+        let stopping: Vec<BindAddr> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StopUpstream(addr) => Some(addr.clone()),
+                _ => None,
+            })
+            .collect();
+        let needs_stopped_port =
+            |spec: &UpstreamSpec| stopping.iter().any(|s| same_tcp_port(s, &spec.bind));
+        // New upstream listeners on ports no stopping listener holds are bound before anything
+        // stops: when an upstream moves and its new address cannot be bound, the old listener
+        // is kept and keeps serving.
+        let mut prebound: BTreeMap<BindAddr, Listener> = BTreeMap::new();
+        let mut kept: Vec<BindAddr> = Vec::new();
+        for action in &actions {
+            let Action::StartUpstream(spec) = action else {
+                continue;
+            };
+            if needs_stopped_port(spec) {
+                continue;
+            }
+            match Listener::bind(&spec.bind, spec.socket_mode).await {
+                Ok(l) => {
+                    prebound.insert(spec.bind.clone(), l);
+                }
+                Err(error) => {
+                    tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
+                    let moved_from = stopping.iter().find(|addr| {
+                        !kept.contains(addr)
+                            && self
+                                .upstreams
+                                .get(*addr)
+                                .is_some_and(|old| same_target(&old.spec, spec))
+                    });
+                    if let Some(addr) = moved_from {
+                        tracing::warn!(%addr, "upstream listener kept at its previous address");
+                        kept.push(addr.clone());
+                    }
+                }
+            }
         }
         // Upstream listeners stopped by this reconciliation, in case a moved one must wait for
         // its old socket (same port, another address) or be put back.
         let mut retired: Vec<(UpstreamSpec, CancellationToken)> = Vec::new();
-        for action in plan(&self.running(), desired) {
+        for action in actions {
+            match &action {
+                Action::StartUpstream(spec) if !needs_stopped_port(spec) => {
+                    // Bound (or refused, and logged) above.
+                    if let Some(l) = prebound.remove(&spec.bind) {
+                        tracing::info!(?action, "reconfiguring");
+                        self.start_upstream(l, spec.clone());
+                    }
+                    continue;
+                }
+                Action::StopUpstream(addr) if kept.contains(addr) => continue,
+                _ => {}
+            }
             tracing::info!(?action, "reconfiguring");
             match action {
                 Action::StartPublic(p) => {
@@ -274,10 +334,13 @@ impl Listeners {
                         Ok(l) => self.start_upstream(l, spec),
                         Err(error) => {
                             tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
-                            // A move that cannot happen keeps the upstream where it was.
+                            // A move that cannot happen keeps the upstream where it was
+                            // (once the old socket is closed: it may still be open).
                             if let Some(i) = previous {
-                                let (old, _) = retired.swap_remove(i);
-                                match Listener::bind(&old.bind, old.socket_mode).await {
+                                let (old, closed) = retired.swap_remove(i);
+                                match bind_replacing(&old.bind, old.socket_mode, Some(&closed))
+                                    .await
+                                {
                                     Ok(l) => {
                                         tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address");
                                         self.start_upstream(l, old);
@@ -331,6 +394,7 @@ impl Listeners {
                 }
             }
         }
+        plan(&self.running(), desired).is_empty()
     }
 
     /// Serves a freshly bound upstream listener with its own endpoint watch.
@@ -358,7 +422,8 @@ impl Listeners {
             Ok(l) => self.serve_public(l, desired),
             Err(error) => {
                 tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
-                match Listener::bind(&BindAddr::Tcp(previous.bind), None).await {
+                let previous_addr = BindAddr::Tcp(previous.bind);
+                match bind_replacing(&previous_addr, None, Some(&closed)).await {
                     Ok(l) => {
                         tracing::warn!(addr = %previous.bind, "public listener kept at its previous address");
                         self.serve_public(l, previous);

@@ -701,3 +701,160 @@ async fn the_idle_timeout_resets_the_app_side_rather_than_ending_it_in_order() {
     let err = end.expect_err("the app saw an orderly end of a stream its caller did not end");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
+
+/// web's registration with these upstreams (its public port and app as in the mesh).
+fn web_with(mesh: &Mesh, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
+    sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        upstreams,
+        json!({}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_change_made_while_starting_is_applied() {
+    use crate::support::fake_agent::Fault;
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    // web cannot get its leaf, so it stays in start-up...
+    mesh.agent.set_path_fault(
+        "GET /v1/agent/connect/ca/leaf/web",
+        Fault::Status(500, "no".into()),
+    );
+    let mut web = ProxyProcess::spawn(
+        &mesh
+            .args("web-sidecar-proxy")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    eventually("web asked for its leaf", DEADLINE, || async {
+        (mesh.agent.count("GET /v1/agent/connect/ca/leaf/web") >= 1).then_some(())
+    })
+    .await;
+    // ...while its upstream moves, and its registration watch sees the move.
+    let moved = free_port();
+    let seen = mesh.agent.count("GET /v1/agent/service/web-sidecar-proxy");
+    mesh.agent
+        .set_service(web_with(&mesh, vec![upstream_json("db", moved)]));
+    eventually("web re-read its registration", DEADLINE, || async {
+        (mesh.agent.count("GET /v1/agent/service/web-sidecar-proxy") > seen).then_some(())
+    })
+    .await;
+    mesh.agent.clear_path_faults();
+    web.wait_ready().await;
+    eventually("the upstream serves at its new port", DEADLINE, || async {
+        (!refused(moved).await).then_some(())
+    })
+    .await;
+    assert!(
+        refused(mesh.web_upstream).await,
+        "the start-up address is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_cannot_move_keeps_serving_and_moves_once_it_can() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    let mut open = open_echoing(mesh.web_upstream).await;
+    // Another process holds the new port.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    mesh.agent
+        .set_service(web_with(&mesh, vec![upstream_json("db", taken)]));
+    web.wait_log("upstream listener kept at its previous address")
+        .await;
+    assert!(
+        !refused(mesh.web_upstream).await,
+        "the old listener still serves"
+    );
+    let mut b = [0u8; 1];
+    open.write_all(b"!").await.unwrap();
+    open.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"!", "and its connection is untouched");
+
+    // Once the port is free, a retry moves it.
+    drop(blocker);
+    eventually("the upstream moved to the freed port", DEADLINE, || async {
+        (!refused(taken).await).then_some(())
+    })
+    .await;
+    eventually("the old address is released", DEADLINE, || async {
+        refused(mesh.web_upstream).await.then_some(())
+    })
+    .await;
+    web.wait_log("the registration is not fully applied; retrying")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_the_agent_cannot_answer_for_does_not_keep_the_proxy_from_serving() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let missing_query = free_port();
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![
+            upstream_json("db", mesh.web_upstream),
+            json!({"DestinationType": "prepared_query", "DestinationName": "nope", "LocalBindPort": missing_query}),
+        ],
+    ));
+    // Ready after the bounded wait for endpoints (10 s), not never.
+    let web = mesh.start_web().await;
+    web.wait_log("no endpoints from the agent yet").await;
+    assert!(!refused(mesh.web_upstream).await, "db is reachable");
+    assert!(
+        refused(missing_query).await,
+        "the upstream without endpoints refuses"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_upstream_stops_its_endpoint_watch() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let cache_port = free_port();
+    mesh.agent
+        .set_health("cache", vec![health_entry("cache", mesh.db_public, "dc1")]);
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![
+            upstream_json("db", mesh.web_upstream),
+            upstream_json("cache", cache_port),
+        ],
+    ));
+    let web = mesh.start_web().await;
+    // A connection that outlives its listener (it drains) keeps the upstream's target alive.
+    let _draining = open_echoing(mesh.web_upstream).await;
+    mesh.agent
+        .set_service(web_with(&mesh, vec![upstream_json("cache", cache_port)]));
+    web.wait_log("StopUpstream").await;
+    eventually("db's listener is gone", DEADLINE, || async {
+        refused(mesh.web_upstream).await.then_some(())
+    })
+    .await;
+    let (db_before, cache_before) = (
+        mesh.agent.count("GET /v1/health/connect/db"),
+        mesh.agent.count("GET /v1/health/connect/cache"),
+    );
+    // Wake both blocking queries: only the upstream still configured asks again.
+    mesh.agent
+        .set_health("db", vec![health_entry("db", mesh.db_public, "dc1")]);
+    mesh.agent
+        .set_health("cache", vec![health_entry("cache", mesh.db_public, "dc1")]);
+    eventually("cache's watch asked again", DEADLINE, || async {
+        (mesh.agent.count("GET /v1/health/connect/cache") > cache_before).then_some(())
+    })
+    .await;
+    assert_eq!(
+        mesh.agent.count("GET /v1/health/connect/db"),
+        db_before,
+        "the removed upstream's watch still polls the agent"
+    );
+}

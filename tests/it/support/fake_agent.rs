@@ -218,6 +218,11 @@ impl FakeAgent {
         self.update(|d, _| d.path_faults.push((prefix, fault)));
     }
 
+    /// Removes every fault injected with [`FakeAgent::set_path_fault`].
+    pub fn clear_path_faults(&self) {
+        self.update(|d, _| d.path_faults.clear());
+    }
+
     /// Moves the global index backwards (snapshot restore) and bumps every resource to it.
     pub fn reset_index(&self, to: u64) {
         let mut d = self.shared.data.lock().unwrap();
