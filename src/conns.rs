@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::Counters;
 use crate::spiffe::SpiffeId;
-use crate::tls::{TrustBundle, verify_client_chain, verify_server_chain};
+use crate::tls::{PeerRole, TrustBundle, verify_peer_chain};
 
 const SHARDS: usize = 16;
 
@@ -156,11 +156,11 @@ impl Conn {
         let Some((leaf, intermediates)) = self.chain.split_first() else {
             return Err(rustls::Error::NoCertificatesPresented);
         };
-        let verify = match self.side {
-            Side::Inbound => verify_client_chain,
-            Side::Upstream => verify_server_chain,
+        let role = match self.side {
+            Side::Inbound => PeerRole::Client,
+            Side::Upstream => PeerRole::Server,
         };
-        verify(bundle, leaf, intermediates, self.verified_at)
+        verify_peer_chain(bundle, leaf, intermediates, self.verified_at, role)
     }
 
     /// Asks the connection to close, with a reason for its log line. The first reason wins.

@@ -164,28 +164,30 @@ impl Enforcer {
             let Err(error) = conn.verify_chain(bundle) else {
                 continue;
             };
-            match conn.side {
-                Side::Inbound => {
-                    tracing::warn!(
-                        conn.id = conn.id,
-                        source = %conn.peer,
-                        destination = %self.service,
-                        %error,
-                        "closing a live connection whose certificate chain is no longer trusted"
-                    );
-                    self.metrics.closed_trust.inc();
-                }
-                Side::Upstream => {
-                    tracing::warn!(
-                        conn.id = conn.id,
-                        source = %self.service,
-                        destination = %conn.peer,
-                        %error,
-                        "closing a live upstream connection whose server certificate chain is no longer trusted"
-                    );
-                    self.metrics.upstream_closed_trust.inc();
-                }
-            }
+            // Inbound, the peer is the caller; upstream, the server we dialled.
+            let (side, source, destination, closed) = match conn.side {
+                Side::Inbound => (
+                    "inbound",
+                    conn.peer.to_string(),
+                    self.service.clone(),
+                    &self.metrics.closed_trust,
+                ),
+                Side::Upstream => (
+                    "upstream",
+                    self.service.clone(),
+                    conn.peer.to_string(),
+                    &self.metrics.upstream_closed_trust,
+                ),
+            };
+            tracing::warn!(
+                conn.id = conn.id,
+                side,
+                %source,
+                %destination,
+                %error,
+                "closing a live connection whose peer's certificate chain is no longer trusted"
+            );
+            closed.inc();
             conn.close(format!("certificate chain no longer trusted: {error}"));
         }
     }

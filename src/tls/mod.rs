@@ -20,8 +20,8 @@ pub use leaf::Leaf;
 pub use peer::{IdentityError, PeerIdentity};
 pub use resume::{ClientConfigs, EndpointTickets, MESH_ALPN};
 pub use verify::{
-    ConnectClientVerifier, ConnectServerVerifier, check_validity_periods, verify_client_chain,
-    verify_server_chain,
+    ConnectClientVerifier, ConnectServerVerifier, PeerRole, check_validity_periods,
+    verify_peer_chain,
 };
 
 use crate::consul::watch::{Publisher, Subscriber};

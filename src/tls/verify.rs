@@ -48,37 +48,35 @@ fn verify_chain(
     .map_err(pki_error)
 }
 
-/// Verifies a client chain (leaf, then intermediates) against the bundle at `time`.
-pub fn verify_client_chain(
-    bundle: &TrustBundle,
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    time: UnixTime,
-) -> Result<(), rustls::Error> {
-    verify_chain(
-        bundle,
-        &super::provider(),
-        end_entity,
-        intermediates,
-        time,
-        KeyUsage::client_auth(),
-    )
+/// The role a peer's certificate is checked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A caller (client authentication).
+    Client,
+    /// A server we dialled (server authentication).
+    Server,
 }
 
-/// Verifies a server chain (leaf, then intermediates) against the bundle at `time`.
-pub fn verify_server_chain(
+/// Verifies a peer chain (leaf, then intermediates) against the bundle at `time`, for the
+/// key usage of its role.
+pub fn verify_peer_chain(
     bundle: &TrustBundle,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     time: UnixTime,
+    role: PeerRole,
 ) -> Result<(), rustls::Error> {
+    let usage = match role {
+        PeerRole::Client => KeyUsage::client_auth(),
+        PeerRole::Server => KeyUsage::server_auth(),
+    };
     verify_chain(
         bundle,
         &super::provider(),
         end_entity,
         intermediates,
         time,
-        KeyUsage::server_auth(),
+        usage,
     )
 }
 

@@ -304,44 +304,14 @@ async fn a_handshake_trickled_byte_by_byte_is_cut_at_the_handshake_timeout() {
     );
 }
 
-/// An app that records, per connection, what it read and whether the stream ended cleanly
-/// (EOF) or with an error (a reset).
-async fn recording_app() -> (
-    u16,
-    tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, std::io::Result<usize>)>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let end = s.read_to_end(&mut got).await;
-                let _ = tx.send((got, end));
-            });
-        }
-    });
-    (port, rx)
-}
-
 /// A caller whose TCP closes without a TLS close_notify (a crash, a cut cable): the bytes it
 /// sent before reach the app, and the app sees an abort (reset), not a clean end of stream it
 /// could take for a complete request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_ending_without_close_notify_reaches_the_app_as_data_then_a_reset() {
     let mesh = Mesh::new().await;
-    let (app, mut ends) = recording_app().await;
-    mesh.agent
-        .set_service(crate::support::fake_agent::sidecar_json(
-            "db-sidecar-proxy",
-            "db",
-            mesh.db_public,
-            app,
-            vec![],
-            json!({}),
-        ));
+    let (app, mut ends) = crate::support::recording_app(false).await;
+    mesh.set_db_app(app);
     let _db = mesh.start_db().await;
     let leaf = mesh.ca.leaf("web", "dc1");
 

@@ -621,10 +621,14 @@ async fn removing_a_root_closes_upstream_connections_whose_server_chain_ended_in
         &b, b"!",
         "the connection to the kept root's server is untouched"
     );
-    web.wait_log(
-        "closing a live upstream connection whose server certificate chain is no longer trusted",
-    )
-    .await;
+    web.wait_log("certificate chain is no longer trusted").await;
+    assert!(
+        web.logs().lines().any(|l| l.contains("no longer trusted")
+            && l.contains("side=\"upstream\"")
+            && l.contains("destination=spiffe://")),
+        "{}",
+        web.logs()
+    );
     let m = metrics(admin).await;
     assert!(
         m.contains("consul_proxy_upstream_closed_total{reason=\"trust\"} 1\n"),
@@ -632,74 +636,40 @@ async fn removing_a_root_closes_upstream_connections_whose_server_chain_ended_in
     );
 }
 
-/// db's local app for one connection: echoes, and reports how the proxy ended the
-/// connection (`Ok` for an orderly FIN, the error for a reset).
-async fn recording_app() -> (u16, tokio::sync::oneshot::Receiver<std::io::Result<()>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let end = loop {
-            match s.read(&mut buf).await {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    if let Err(e) = s.write_all(&buf[..n]).await {
-                        break Err(e);
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        let _ = tx.send(end);
-    });
-    (port, rx)
-}
-
 /// Starts db in front of a recording app with `flags`, opens one connection, waits for the
-/// proxy to close it and returns how the app saw the end.
-async fn app_side_of_a_proxy_initiated_close(flags: &[&str], log: &str) -> std::io::Result<()> {
+/// proxy to close it (logging `log`) and checks that the app saw a reset, not an orderly end of
+/// a stream its caller did not end.
+async fn proxy_initiated_close_resets_the_app(flags: &[&str], log: &str) {
     let mesh = Mesh::new().await;
-    let (app, ended) = recording_app().await;
-    mesh.agent.set_service(sidecar_json(
-        "db-sidecar-proxy",
-        "db",
-        mesh.db_public,
-        app,
-        vec![],
-        json!({}),
-    ));
+    let (app, mut ends) = crate::support::recording_app(true).await;
+    mesh.set_db_app(app);
     let db = mesh.start_db_with(flags).await;
     let mut c = Live::open(mesh.db_public, &mesh.ca.leaf("web", "dc1")).await;
     c.wait_closed().await;
     db.wait_log(log).await;
-    tokio::time::timeout(DEADLINE, ended)
+    let (_, end) = tokio::time::timeout(DEADLINE, ends.recv())
         .await
         .expect("the app's connection ended")
-        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_maximum_lifetime_resets_the_app_side_rather_than_ending_it_in_order() {
-    let end = app_side_of_a_proxy_initiated_close(
+    proxy_initiated_close_resets_the_app(
         &["-max-conn-lifetime", "300ms"],
         "connection reached its maximum lifetime",
     )
     .await;
-    let err = end.expect_err("the app saw an orderly end of a stream its caller did not end");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_timeout_resets_the_app_side_rather_than_ending_it_in_order() {
-    let end = app_side_of_a_proxy_initiated_close(
-        &["-idle-timeout", "300ms"],
-        "connection idle too long",
-    )
-    .await;
-    let err = end.expect_err("the app saw an orderly end of a stream its caller did not end");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    proxy_initiated_close_resets_the_app(&["-idle-timeout", "300ms"], "connection idle too long")
+        .await;
 }
 
 /// web's registration with these upstreams (its public port and app as in the mesh).

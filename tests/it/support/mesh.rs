@@ -64,6 +64,18 @@ impl Mesh {
         }
     }
 
+    /// Registers db's sidecar in front of another local app (before db starts).
+    pub fn set_db_app(&self, app_port: u16) {
+        self.agent.set_service(sidecar_json(
+            "db-sidecar-proxy",
+            "db",
+            self.db_public,
+            app_port,
+            vec![],
+            json!({}),
+        ));
+    }
+
     /// `-http-addr` plus `-proxy-id <id>`.
     pub fn args(&self, proxy_id: &str) -> Vec<String> {
         vec![

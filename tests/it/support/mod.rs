@@ -238,6 +238,43 @@ impl ProxyProcess {
     }
 }
 
+/// What a [`recording_app`] saw on one connection: the bytes it read, and how the stream
+/// ended (`Ok` for an orderly EOF, the error for a reset).
+pub type Recorded = (Vec<u8>, std::io::Result<()>);
+
+/// A local app that reports, per connection, what it read and how the stream ended; with
+/// `echo` it also sends back what it reads.
+pub async fn recording_app(echo: bool) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Recorded>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 16 * 1024];
+                let end = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            if echo {
+                                if let Err(e) = s.write_all(&buf[..n]).await {
+                                    break Err(e);
+                                }
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                let _ = tx.send((got, end));
+            });
+        }
+    });
+    (port, rx)
+}
+
 /// A TCP echo server that counts the connections it accepted.
 pub struct EchoServer {
     pub port: u16,
