@@ -23,6 +23,7 @@
 //! metrics, admin   counters; /ready, /metrics, /status
 //! net              local TCP/unix sockets, the accept loop
 //! workers          -threads N: connections handed to N single-threaded runtimes
+//! memcpy_tune      AMD CPUs: re-exec once with glibc's rep movsb threshold raised
 //! notify, signal, telemetry   systemd readiness, signals, logging
 //! ```
 //!
@@ -43,6 +44,7 @@ pub mod endpoints;
 pub mod enforce;
 pub mod forward;
 pub mod inbound;
+pub mod memcpy_tune;
 pub mod metrics;
 pub mod net;
 pub mod notify;

@@ -7,9 +7,12 @@ use consul_proxy::app::{self, Tuning};
 use consul_proxy::cli::Args;
 use consul_proxy::config::Config;
 use consul_proxy::workers::Workers;
-use consul_proxy::{signal, telemetry};
+use consul_proxy::{memcpy_tune, signal, telemetry};
 
 fn main() -> ExitCode {
+    // Before anything else (no thread, no socket yet): on AMD CPUs this may re-execute the
+    // process once with a glibc tunable set (see memcpy_tune.rs).
+    let reexec = memcpy_tune::reexec_if_needed();
     let args = Args::parse_env();
     let config = match Config::from_args(args, &|name| std::env::var(name).ok()) {
         Ok(c) => c,
@@ -21,6 +24,16 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(&config.log) {
         eprintln!("consul-proxy: {e}");
         return ExitCode::from(2);
+    }
+    match reexec {
+        Ok(()) => tracing::debug!(
+            glibc_tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default(),
+            "memcpy tuning"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "could not re-execute with glibc's rep movsb threshold raised; bulk transfers may be slower on this CPU"
+        ),
     }
     // The control plane runs on this thread; with -threads N > 1, connections run on N
     // worker threads of their own (see workers.rs).

@@ -106,3 +106,41 @@ fn files_named_by_flags_or_environment_that_cannot_be_read_exit_2() {
         );
     }
 }
+
+/// The `GLIBC_TUNABLES` the running proxy sees (after any re-exec), from its debug log line.
+/// (Not from /proc/PID/environ: glibc rewrites that copy of the variable while parsing it.)
+async fn tunables_after_start(env: &[(&str, &str)]) -> String {
+    // No agent at this address: the proxy stays up, waiting for it.
+    let p =
+        crate::support::ProxyProcess::spawn(&["-http-addr", "127.0.0.1:1", "-proxy-id", "x"], env);
+    p.wait_log("memcpy tuning").await;
+    let logs = p.logs();
+    let line = logs.lines().find(|l| l.contains("memcpy tuning")).unwrap();
+    line.split("glibc_tunables=")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_amd_cpus_the_proxy_runs_with_the_rep_movsb_threshold_raised_unless_set_already() {
+    let amd = consul_proxy::memcpy_tune::is_amd(&std::fs::read_to_string("/proc/cpuinfo").unwrap());
+    let ours = "glibc.cpu.x86_rep_movsb_threshold=0x1000000";
+    let expect = |base: &str| match (amd, base.is_empty()) {
+        (false, _) => base.to_owned(),
+        (true, true) => ours.to_owned(),
+        (true, false) => format!("{base}:{ours}"),
+    };
+    assert_eq!(tunables_after_start(&[]).await, expect(""), "AMD: {amd}");
+    // Other tunables are kept.
+    let other = "glibc.malloc.arena_max=2";
+    assert_eq!(
+        tunables_after_start(&[("GLIBC_TUNABLES", other)]).await,
+        expect(other)
+    );
+    // An operator's own threshold wins.
+    let own = "glibc.cpu.x86_rep_movsb_threshold=0x840";
+    assert_eq!(tunables_after_start(&[("GLIBC_TUNABLES", own)]).await, own);
+}

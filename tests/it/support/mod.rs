@@ -142,6 +142,11 @@ impl ProxyProcess {
         }
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the proxy is running")
+    }
+
     /// Waits for `READY=1` on the notify socket.
     pub async fn wait_ready(&mut self) {
         let end = tokio::time::Instant::now() + DEADLINE;
