@@ -21,7 +21,7 @@ use crate::discovery::{SidecarError, select_sidecar};
 use crate::enforce::Enforcer;
 use crate::metrics::Metrics;
 use crate::proxy_config::{BindAddr, ProxyConfig};
-use crate::reconcile::{Listeners, Shared};
+use crate::reconcile::{Listeners, Outcome, Shared};
 use crate::{notify, watchers};
 
 /// Why the proxy stopped with an error.
@@ -320,20 +320,32 @@ fn spawn_reconciler(
         // change published while the proxy was starting is applied, and an unchanged one is a
         // no-op. A pass that could not reach the desired state is tried again with backoff.
         let mut retry: Option<Duration> = None;
+        let mut fresh = true;
         loop {
             let desired = config.borrow_and_update().clone();
             if let Some(desired) = desired {
-                let converged = listeners.lock().await.apply(&desired).await;
+                let outcome = listeners.lock().await.apply(&desired, fresh).await;
                 interval.send_if_modified(|current| {
                     let changed = *current != desired.reauthorize_interval;
                     *current = desired.reauthorize_interval;
                     changed
                 });
-                retry = (!converged).then(|| next_retry(retry));
-                if let Some(after) = retry {
-                    tracing::warn!(?after, "the registration is not fully applied; retrying");
-                }
+                retry = match outcome {
+                    Outcome::Converged => None,
+                    Outcome::Retry => {
+                        let after = next_retry(retry);
+                        tracing::warn!(?after, "the registration is not fully applied; retrying");
+                        Some(after)
+                    }
+                    Outcome::Stuck => {
+                        tracing::error!(
+                            "the registration is not fully applied: a listener could not move on its port (see above); waiting for a registration change"
+                        );
+                        None
+                    }
+                };
             }
+            fresh = false;
             let later = async {
                 match retry {
                     Some(d) => tokio::time::sleep(d).await,
@@ -345,6 +357,7 @@ fn spawn_reconciler(
                 r = config.changed() => {
                     if r.is_err() { return }
                     retry = None;
+                    fresh = true;
                     tracing::info!("the proxy registration changed; reconciling");
                 }
                 _ = later => {}

@@ -163,10 +163,17 @@ impl Conn {
         verify_peer_chain(bundle, leaf, intermediates, self.verified_at, role)
     }
 
-    /// Asks the connection to close, with a reason for its log line. The first reason wins.
-    pub fn close(&self, reason: String) {
-        let _ = self.close_reason.set(reason);
+    /// Asks the connection to close, with a reason for its log line. The first reason wins;
+    /// returns whether this call was the first (so that a closure is counted once).
+    pub fn close(&self, reason: String) -> bool {
+        let first = self.close_reason.set(reason).is_ok();
         self.cancel.cancel();
+        first
+    }
+
+    /// Whether [`Conn::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.close_reason.get().is_some()
     }
 
     /// Resolves when [`Conn::close`] was called.
@@ -226,8 +233,12 @@ mod tests {
         let reg = r.register(new_conn("a"));
         let conn = reg.conn().clone();
         let waiter = tokio::spawn(async move { conn.closed().await });
-        reg.conn().close("denied by intention".into());
-        reg.conn().close("second".into());
+        assert!(reg.conn().close("denied by intention".into()));
+        assert!(
+            !reg.conn().close("second".into()),
+            "only the first close counts"
+        );
+        assert!(reg.conn().is_closed());
         waiter.await.unwrap();
         assert_eq!(reg.conn().close_reason(), Some("denied by intention"));
     }

@@ -136,6 +136,9 @@ impl Enforcer {
             if decision.is_allow() {
                 continue;
             }
+            if !conn.close(format!("no longer authorized: {}", decision.reason)) {
+                continue; // closed already, for another reason
+            }
             tracing::warn!(
                 conn.id = conn.id,
                 source = %conn.peer,
@@ -144,7 +147,6 @@ impl Enforcer {
                 trigger = why,
                 "closing a live connection that is no longer authorized"
             );
-            conn.close(format!("no longer authorized: {}", decision.reason));
             self.metrics.closed_reauthorization.inc();
             closed += 1;
         }
@@ -164,6 +166,9 @@ impl Enforcer {
             let Err(error) = conn.verify_chain(bundle) else {
                 continue;
             };
+            if !conn.close(format!("certificate chain no longer trusted: {error}")) {
+                continue; // closed already, for another reason
+            }
             // Inbound, the peer is the caller; upstream, the server we dialled.
             let (side, source, destination, closed) = match conn.side {
                 Side::Inbound => (
@@ -188,7 +193,6 @@ impl Enforcer {
                 "closing a live connection whose peer's certificate chain is no longer trusted"
             );
             closed.inc();
-            conn.close(format!("certificate chain no longer trusted: {error}"));
         }
     }
 }

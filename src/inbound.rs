@@ -164,7 +164,10 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
             if let Err(error) = conn.verify_chain(&current.bundle) {
                 tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
-                ctx.metrics.inbound_handshake_failed.inc();
+                if !conn.is_closed() {
+                    // (else the enforcer closed and counted it already)
+                    ctx.metrics.inbound_handshake_failed.inc();
+                }
                 return;
             }
         }

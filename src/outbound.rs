@@ -145,7 +145,10 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
         if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
             if let Err(error) = conn.verify_chain(&current.bundle) {
                 tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "server certificate chain no longer trusted; closing");
-                ctx.metrics.upstream_failed.inc();
+                if !conn.is_closed() {
+                    // (else the enforcer closed and counted it already)
+                    ctx.metrics.upstream_failed.inc();
+                }
                 local.abort_on_close();
                 return crate::net::abort_on_close(remote.get_ref().0.get_ref());
             }

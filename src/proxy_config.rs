@@ -403,12 +403,28 @@ fn check_unique_binds(
 ) -> Result<(), String> {
     let mut seen: Vec<BindAddr> = public.map(|p| BindAddr::Tcp(p.bind)).into_iter().collect();
     for u in upstreams {
-        if seen.contains(&u.bind) {
-            return Err(format!("two listeners on {} ({})", u.bind, u.destination));
+        if let Some(other) = seen.iter().find(|s| binds_conflict(s, &u.bind)) {
+            return Err(format!(
+                "two listeners on {} and {other} ({})",
+                u.bind, u.destination
+            ));
         }
         seen.push(u.bind.clone());
     }
     Ok(())
+}
+
+/// Whether two listeners cannot both be bound: the same address, or the same TCP port where
+/// one is a wildcard covering the other (`0.0.0.0` covers IPv4, `::` both families).
+fn binds_conflict(a: &BindAddr, b: &BindAddr) -> bool {
+    let covers = |w: IpAddr, other: IpAddr| w.is_unspecified() && (w.is_ipv6() || other.is_ipv4());
+    match (a, b) {
+        (BindAddr::Tcp(a), BindAddr::Tcp(b)) => {
+            a.port() == b.port()
+                && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+        }
+        _ => a == b,
+    }
 }
 
 fn parse_ip(field: &str, s: &str) -> Result<IpAddr, String> {
@@ -792,5 +808,19 @@ mod tests {
             let err = ProxyConfig::from_api(&registration(j), &Defaults::default()).unwrap_err();
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
         }
+    }
+
+    #[test]
+    fn listeners_conflict_on_one_address_or_under_a_wildcard_on_the_same_port() {
+        let tcp = |s: &str| BindAddr::Tcp(s.parse().unwrap());
+        assert!(binds_conflict(&tcp("127.0.0.1:80"), &tcp("127.0.0.1:80")));
+        assert!(binds_conflict(&tcp("0.0.0.0:80"), &tcp("127.0.0.1:80")));
+        assert!(binds_conflict(&tcp("127.0.0.1:80"), &tcp("[::]:80")));
+        assert!(!binds_conflict(&tcp("127.0.0.1:80"), &tcp("127.0.0.2:80")));
+        assert!(!binds_conflict(&tcp("0.0.0.0:80"), &tcp("0.0.0.0:81")));
+        assert!(!binds_conflict(&tcp("0.0.0.0:80"), &tcp("[::1]:80")));
+        let unix = |p: &str| BindAddr::Unix(p.into());
+        assert!(binds_conflict(&unix("/a"), &unix("/a")));
+        assert!(!binds_conflict(&unix("/a"), &tcp("0.0.0.0:80")));
     }
 }

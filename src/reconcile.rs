@@ -140,6 +140,14 @@ fn same_target(a: &UpstreamSpec, b: &UpstreamSpec) -> bool {
     a.destination == b.destination && a.datacenter == b.datacenter
 }
 
+/// Whether two upstream specs differ in their address only.
+fn same_but_address(a: &UpstreamSpec, b: &UpstreamSpec) -> bool {
+    UpstreamSpec {
+        bind: b.bind.clone(),
+        ..a.clone()
+    } == *b
+}
+
 /// Binds `addr`; if the port is taken and `previous` (a listener being replaced, already told
 /// to stop) holds it, waits for it to close its socket and tries once more.
 async fn bind_replacing(
@@ -171,6 +179,34 @@ pub struct Listeners {
     upstreams: BTreeMap<BindAddr, RunningUpstream>,
     /// Set by [`Listeners::stop_accepting`]: no listener is started any more.
     stopping: bool,
+    /// Moves on the same port (old address, new address) that failed after the old listener
+    /// was stopped and were undone; not tried again until the registration changes.
+    failed_swaps: Vec<(BindAddr, BindAddr)>,
+}
+
+/// What a reconciliation achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// What runs is what the registration asks for.
+    Converged,
+    /// A step failed in a way a later attempt may fix (a port another process holds, an
+    /// address not configured yet): try again.
+    Retry,
+    /// What remains are moves on their own port that failed after stopping a working
+    /// listener and were undone: repeating them would cut its connections each time, so they
+    /// wait for the next registration change.
+    Stuck,
+}
+
+/// Upstream listeners prepared before a reconciliation stops anything.
+#[derive(Default)]
+struct Prepared {
+    /// Bound already.
+    bound: BTreeMap<BindAddr, Listener>,
+    /// New addresses whose port our own stopping listener holds: bound after it closes.
+    swaps: Vec<BindAddr>,
+    /// Stopping listeners kept because their replacement could not be bound.
+    kept: Vec<BindAddr>,
 }
 
 impl Listeners {
@@ -181,6 +217,7 @@ impl Listeners {
             public: None,
             upstreams: BTreeMap::new(),
             stopping: false,
+            failed_swaps: Vec::new(),
         }
     }
 
@@ -231,170 +268,245 @@ impl Listeners {
         Ok(())
     }
 
-    /// Applies a new configuration; failures are logged and leave that listener as it was.
-    /// Returns whether what runs now is what `desired` asks for (false: try again later).
-    pub async fn apply(&mut self, desired: &ProxyConfig) -> bool {
+    /// Applies a configuration; failures are logged and leave that listener as it was.
+    /// `fresh` is true for a new registration (false when retrying the same one): only then
+    /// are moves that failed on their own port attempted again.
+    pub async fn apply(&mut self, desired: &ProxyConfig, fresh: bool) -> Outcome {
         if self.stopping {
             tracing::info!("shutting down; ignoring a registration change");
-            return true;
+            return Outcome::Converged;
+        }
+        if fresh {
+            self.failed_swaps.clear();
         }
         let actions = plan(&self.running(), desired);
-        let stopping: Vec<BindAddr> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::StopUpstream(addr) => Some(addr.clone()),
-                _ => None,
-            })
-            .collect();
-        let needs_stopped_port =
-            |spec: &UpstreamSpec| stopping.iter().any(|s| same_tcp_port(s, &spec.bind));
-        // New upstream listeners on ports no stopping listener holds are bound before anything
-        // stops: when an upstream moves and its new address cannot be bound, the old listener
-        // is kept and keeps serving.
-        let mut prebound: BTreeMap<BindAddr, Listener> = BTreeMap::new();
-        let mut kept: Vec<BindAddr> = Vec::new();
-        for action in &actions {
-            let Action::StartUpstream(spec) = action else {
-                continue;
-            };
-            if needs_stopped_port(spec) {
-                continue;
-            }
-            match Listener::bind(&spec.bind, spec.socket_mode).await {
-                Ok(l) => {
-                    prebound.insert(spec.bind.clone(), l);
-                }
-                Err(error) => {
-                    tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
-                    let moved_from = stopping.iter().find(|addr| {
-                        !kept.contains(addr)
-                            && self
-                                .upstreams
-                                .get(*addr)
-                                .is_some_and(|old| same_target(&old.spec, spec))
-                    });
-                    if let Some(addr) = moved_from {
-                        tracing::warn!(%addr, "upstream listener kept at its previous address");
-                        kept.push(addr.clone());
-                    }
-                }
-            }
-        }
-        // Upstream listeners stopped by this reconciliation, in case a moved one must wait for
-        // its old socket (same port, another address) or be put back.
+        let mut prepared = self.prepare_upstreams(&actions).await;
+        // Upstream listeners stopped by this reconciliation, in case a listener moving on its
+        // port must wait for the old socket or put it back.
         let mut retired: Vec<(UpstreamSpec, CancellationToken)> = Vec::new();
         for action in actions {
-            match &action {
-                Action::StartUpstream(spec) if !needs_stopped_port(spec) => {
-                    // Bound (or refused, and logged) above.
-                    if let Some(l) = prebound.remove(&spec.bind) {
-                        tracing::info!(?action, "reconfiguring");
-                        self.start_upstream(l, spec.clone());
-                    }
-                    continue;
-                }
-                Action::StopUpstream(addr) if kept.contains(addr) => continue,
-                _ => {}
-            }
-            tracing::info!(?action, "reconfiguring");
             match action {
-                Action::StartPublic(p) => {
-                    let addr = BindAddr::Tcp(p.bind);
-                    match Listener::bind(&addr, None).await {
-                        Ok(l) => {
-                            if let Some(old) = self.public.take() {
-                                self.retire(old.handle, "public");
-                            }
-                            self.serve_public(l, p);
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
-                            self.move_public_on_its_port(p, error).await;
-                        }
-                        Err(error) => {
-                            tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one")
-                        }
-                    }
-                }
-                Action::UpdatePublic(p) => {
-                    if let Some(running) = &self.public {
-                        running.settings.send_replace(Arc::new(p));
-                    }
-                }
-                Action::StopPublic => {
-                    if let Some(old) = self.public.take() {
-                        self.retire(old.handle, "public");
-                    }
-                }
                 Action::StartUpstream(spec) => {
-                    let previous = retired
-                        .iter()
-                        .position(|(old, _)| same_tcp_port(&old.bind, &spec.bind));
-                    let closed = previous.map(|i| &retired[i].1);
-                    match bind_replacing(&spec.bind, spec.socket_mode, closed).await {
-                        Ok(l) => self.start_upstream(l, spec),
-                        Err(error) => {
-                            tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
-                            // A move that cannot happen keeps the upstream where it was
-                            // (once the old socket is closed: it may still be open).
-                            if let Some(i) = previous {
-                                let (old, closed) = retired.swap_remove(i);
-                                match bind_replacing(&old.bind, old.socket_mode, Some(&closed))
-                                    .await
-                                {
-                                    Ok(l) => {
-                                        tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address");
-                                        self.start_upstream(l, old);
-                                    }
-                                    Err(error) => {
-                                        tracing::error!(addr = %old.bind, %error, "cannot restore the previous upstream listener")
-                                    }
-                                }
-                            }
-                        }
+                    if let Some(l) = prepared.bound.remove(&spec.bind) {
+                        tracing::info!(action = "start upstream", addr = %spec.bind, "reconfiguring");
+                        self.start_upstream(l, spec);
+                    } else if prepared.swaps.contains(&spec.bind) {
+                        tracing::info!(action = "move upstream on its port", addr = %spec.bind, "reconfiguring");
+                        self.swap_upstream(spec, &mut retired).await;
                     }
+                    // Otherwise refused while preparing, and logged there.
                 }
-                Action::UpdateUpstream(spec) => {
-                    let Some(running) = self.upstreams.get(&spec.bind) else {
-                        continue;
-                    };
-                    if running.spec.socket_mode != spec.socket_mode {
-                        if let Err(error) =
-                            crate::net::set_socket_mode(&spec.bind, spec.socket_mode)
-                        {
-                            tracing::error!(addr = %spec.bind, %error, "cannot change the upstream socket's mode");
-                        }
-                    }
-                    let same_target = running.spec.destination == spec.destination
-                        && running.spec.datacenter == spec.datacenter;
-                    let (endpoints, endpoints_cancel) = if same_target {
-                        (
-                            running.target.borrow().endpoints.clone(),
-                            running.endpoints_cancel.clone(),
-                        )
-                    } else {
-                        running.endpoints_cancel.cancel();
-                        let cancel = self.shared.background.child_token();
-                        (self.spawn_endpoints(&spec, &cancel), cancel)
-                    };
-                    if let Some(running) = self.upstreams.get_mut(&spec.bind) {
-                        running.target.send_replace(Arc::new(UpstreamTarget {
-                            spec: spec.clone(),
-                            endpoints,
-                        }));
-                        running.endpoints_cancel = endpoints_cancel;
-                        running.spec = spec;
-                    }
-                }
+                Action::StopUpstream(addr) if prepared.kept.contains(&addr) => {}
                 Action::StopUpstream(addr) => {
+                    tracing::info!(action = "stop upstream", %addr, "reconfiguring");
                     if let Some(old) = self.upstreams.remove(&addr) {
                         old.endpoints_cancel.cancel();
                         retired.push((old.spec, old.handle.closed.clone()));
                         self.retire(old.handle, "upstream");
                     }
                 }
+                Action::UpdateUpstream(spec) => {
+                    tracing::info!(action = "update upstream", addr = %spec.bind, "reconfiguring");
+                    self.update_upstream(spec);
+                }
+                Action::StartPublic(p) => {
+                    tracing::info!(action = "start public", addr = %p.bind, "reconfiguring");
+                    self.start_public(p).await;
+                }
+                Action::UpdatePublic(p) => {
+                    tracing::info!(action = "update public", addr = %p.bind, "reconfiguring");
+                    if let Some(running) = &self.public {
+                        running.settings.send_replace(Arc::new(p));
+                    }
+                }
+                Action::StopPublic => {
+                    tracing::info!(action = "stop public", "reconfiguring");
+                    if let Some(old) = self.public.take() {
+                        self.retire(old.handle, "public");
+                    }
+                }
             }
         }
-        plan(&self.running(), desired).is_empty()
+        let remaining = plan(&self.running(), desired);
+        if remaining.is_empty() {
+            Outcome::Converged
+        } else if remaining.iter().all(|a| self.is_failed_swap(a)) {
+            Outcome::Stuck
+        } else {
+            Outcome::Retry
+        }
+    }
+
+    /// Binds every new upstream listener that can be bound before anything stops, so that a
+    /// move whose new address cannot be bound keeps the old listener serving. A new address
+    /// whose port one of our own stopping listeners holds (a move on the same port, e.g.
+    /// `127.0.0.1` to `0.0.0.0`) is left to [`Listeners::swap_upstream`].
+    async fn prepare_upstreams(&self, actions: &[Action]) -> Prepared {
+        let stopping: Vec<&BindAddr> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StopUpstream(addr) => Some(addr),
+                _ => None,
+            })
+            .collect();
+        let starting: Vec<&UpstreamSpec> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartUpstream(spec) => Some(spec),
+                _ => None,
+            })
+            .collect();
+        let mut prepared = Prepared::default();
+        for spec in &starting {
+            let holder = stopping
+                .iter()
+                .find(|old| same_tcp_port(old, &spec.bind))
+                .copied();
+            if let Some(old) = holder {
+                if self
+                    .failed_swaps
+                    .contains(&(old.clone(), spec.bind.clone()))
+                {
+                    // Tried and undone already: doing it again would cut the old listener's
+                    // connections each time. It waits for a new registration.
+                    prepared.kept.push(old.clone());
+                    continue;
+                }
+            }
+            match Listener::bind(&spec.bind, spec.socket_mode).await {
+                Ok(l) => {
+                    prepared.bound.insert(spec.bind.clone(), l);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && holder.is_some() => {
+                    prepared.swaps.push(spec.bind.clone());
+                }
+                Err(error) => {
+                    tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
+                    // The listener it moves from, if any, keeps serving: the one with the same
+                    // settings apart from its address, else one with the same target; never one
+                    // whose port another new listener needs.
+                    let candidates: Vec<&RunningUpstream> = stopping
+                        .iter()
+                        .filter(|old| !prepared.kept.contains(old))
+                        .filter(|old| {
+                            !starting
+                                .iter()
+                                .any(|s| s.bind != spec.bind && same_tcp_port(old, &s.bind))
+                        })
+                        .filter_map(|old| self.upstreams.get(*old))
+                        .filter(|old| same_target(&old.spec, spec))
+                        .collect();
+                    let moved_from = candidates
+                        .iter()
+                        .find(|old| same_but_address(&old.spec, spec))
+                        .or_else(|| candidates.first());
+                    if let Some(old) = moved_from {
+                        tracing::warn!(addr = %old.spec.bind, "upstream listener kept at its previous address");
+                        prepared.kept.push(old.spec.bind.clone());
+                    }
+                }
+            }
+        }
+        prepared
+    }
+
+    /// Moves an upstream listener to another address on the same port: the old listener
+    /// (stopped just before) must let go of its socket first. If the new bind still fails, the
+    /// old address is bound again and the move is not retried until the registration changes.
+    async fn swap_upstream(
+        &mut self,
+        spec: UpstreamSpec,
+        retired: &mut Vec<(UpstreamSpec, CancellationToken)>,
+    ) {
+        let previous = retired
+            .iter()
+            .position(|(old, _)| same_tcp_port(&old.bind, &spec.bind));
+        let closed = previous.map(|i| &retired[i].1);
+        let error = match bind_replacing(&spec.bind, spec.socket_mode, closed).await {
+            Ok(l) => return self.start_upstream(l, spec),
+            Err(error) => error,
+        };
+        tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
+        let Some(i) = previous else {
+            return;
+        };
+        let (old, closed) = retired.swap_remove(i);
+        self.failed_swaps
+            .push((old.bind.clone(), spec.bind.clone()));
+        match bind_replacing(&old.bind, old.socket_mode, Some(&closed)).await {
+            Ok(l) => {
+                tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address; the move waits for a registration change");
+                self.start_upstream(l, old);
+            }
+            Err(error) => {
+                tracing::error!(addr = %old.bind, %error, "cannot restore the previous upstream listener")
+            }
+        }
+    }
+
+    /// Same address, new target or settings: new connections use them.
+    fn update_upstream(&mut self, spec: UpstreamSpec) {
+        let Some(running) = self.upstreams.get(&spec.bind) else {
+            return;
+        };
+        if running.spec.socket_mode != spec.socket_mode {
+            if let Err(error) = crate::net::set_socket_mode(&spec.bind, spec.socket_mode) {
+                tracing::error!(addr = %spec.bind, %error, "cannot change the upstream socket's mode");
+            }
+        }
+        let (endpoints, endpoints_cancel) = if same_target(&running.spec, &spec) {
+            (
+                running.target.borrow().endpoints.clone(),
+                running.endpoints_cancel.clone(),
+            )
+        } else {
+            running.endpoints_cancel.cancel();
+            let cancel = self.shared.background.child_token();
+            (self.spawn_endpoints(&spec, &cancel), cancel)
+        };
+        if let Some(running) = self.upstreams.get_mut(&spec.bind) {
+            running.target.send_replace(Arc::new(UpstreamTarget {
+                spec: spec.clone(),
+                endpoints,
+            }));
+            running.endpoints_cancel = endpoints_cancel;
+            running.spec = spec;
+        }
+    }
+
+    /// A new public listener address: bound first, then the old one retires; on the same port
+    /// with another address, see [`Listeners::move_public_on_its_port`].
+    async fn start_public(&mut self, p: PublicListener) {
+        let addr = BindAddr::Tcp(p.bind);
+        match Listener::bind(&addr, None).await {
+            Ok(l) => {
+                if let Some(old) = self.public.take() {
+                    self.retire(old.handle, "public");
+                }
+                self.serve_public(l, p);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+                self.move_public_on_its_port(p, error).await;
+            }
+            Err(error) => {
+                tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one")
+            }
+        }
+    }
+
+    /// Whether `action` is what remains of a move on its own port that was undone.
+    fn is_failed_swap(&self, action: &Action) -> bool {
+        match action {
+            Action::StartUpstream(spec) => {
+                self.failed_swaps.iter().any(|(_, new)| new == &spec.bind)
+            }
+            Action::StopUpstream(addr) => self.failed_swaps.iter().any(|(old, _)| old == addr),
+            Action::StartPublic(p) => self
+                .failed_swaps
+                .iter()
+                .any(|(_, new)| new == &BindAddr::Tcp(p.bind)),
+            _ => false,
+        }
     }
 
     /// Serves a freshly bound upstream listener with its own endpoint watch.
@@ -408,13 +520,18 @@ impl Listeners {
     /// `0.0.0.0`), which cannot be bound while the old one listens: stop the old one, wait for
     /// its socket, bind the new one; if that fails, bind the old address again.
     async fn move_public_on_its_port(&mut self, desired: PublicListener, error: std::io::Error) {
-        let Some(old) = self
-            .public
-            .take_if(|old| old.settings.borrow().bind.port() == desired.bind.port())
-        else {
+        let swap = |old: &RunningPublic| {
+            let old = old.settings.borrow().bind;
+            (BindAddr::Tcp(old), BindAddr::Tcp(desired.bind))
+        };
+        let Some(old) = self.public.take_if(|old| {
+            old.settings.borrow().bind.port() == desired.bind.port()
+                && !self.failed_swaps.contains(&swap(old))
+        }) else {
             tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener; keeping the old one");
             return;
         };
+        let attempted = swap(&old);
         let previous = (**old.settings.borrow()).clone();
         let closed = old.handle.closed.clone();
         self.retire(old.handle, "public");
@@ -422,10 +539,11 @@ impl Listeners {
             Ok(l) => self.serve_public(l, desired),
             Err(error) => {
                 tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
+                self.failed_swaps.push(attempted);
                 let previous_addr = BindAddr::Tcp(previous.bind);
                 match bind_replacing(&previous_addr, None, Some(&closed)).await {
                     Ok(l) => {
-                        tracing::warn!(addr = %previous.bind, "public listener kept at its previous address");
+                        tracing::warn!(addr = %previous.bind, "public listener kept at its previous address; the move waits for a registration change");
                         self.serve_public(l, previous);
                     }
                     Err(error) => {

@@ -252,8 +252,9 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
         3,
         "{logs}"
     );
+    assert!(logs.contains("action=\"stop upstream\""), "{logs}");
     assert!(!logs.contains(&format!(
-        "StopUpstream(Tcp(127.0.0.1:{}))",
+        "action=\"stop upstream\" addr=127.0.0.1:{}",
         mesh.web_upstream
     )));
 }
@@ -304,7 +305,11 @@ async fn a_registration_for_another_service_is_refused_until_a_restart() {
     let mut conn = Live::open(mesh.db_public, &web_leaf).await;
     assert!(conn.echoes().await, "db's app still serves");
     assert_eq!(secret_app.accepted(), 0, "secret's app was never dialled");
-    assert!(!db.logs().contains("UpdatePublic"), "{}", db.logs());
+    assert!(
+        !db.logs().contains("action=\"update public\""),
+        "{}",
+        db.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,7 +809,7 @@ async fn a_removed_upstream_stops_its_endpoint_watch() {
     let _draining = open_echoing(mesh.web_upstream).await;
     mesh.agent
         .set_service(web_with(&mesh, vec![upstream_json("cache", cache_port)]));
-    web.wait_log("StopUpstream").await;
+    web.wait_log("action=\"stop upstream\"").await;
     eventually("db's listener is gone", DEADLINE, || async {
         refused(mesh.web_upstream).await.then_some(())
     })
@@ -827,4 +832,148 @@ async fn a_removed_upstream_stops_its_endpoint_watch() {
         db_before,
         "the removed upstream's watch still polls the agent"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_an_address_that_cannot_be_bound_never_stops_the_old_listener() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    let mut open = open_echoing(mesh.web_upstream).await;
+    // 192.0.2.1 (TEST-NET-1) is not an address of this host. Same port, but a specific
+    // address next to another: the new bind is tried while the old listener keeps serving.
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![json!({"DestinationName": "db", "LocalBindAddress": "192.0.2.1", "LocalBindPort": mesh.web_upstream})],
+    ));
+    eventually("a retry happened", DEADLINE, || {
+        let kept = web
+            .logs()
+            .matches("upstream listener kept at its previous address")
+            .count();
+        async move { (kept >= 2).then_some(()) }
+    })
+    .await;
+    let mut b = [0u8; 1];
+    open.write_all(b"!").await.unwrap();
+    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !web.logs()
+            .contains("stopping a listener removed from the registration"),
+        "{}",
+        web.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_on_the_same_port_that_fails_is_undone_once_not_on_every_retry() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web_with(&["-drain-timeout", "1h"]).await;
+    // Another process holds 127.0.0.2 on web's upstream port: 0.0.0.0 on that port can be
+    // bound by nobody, which web finds out only after stopping its own 127.0.0.1 listener.
+    let _other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
+    let wildcard = json!({"DestinationName": "db", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream});
+    mesh.agent
+        .set_service(web_with(&mesh, vec![wildcard.clone()]));
+    web.wait_log("waiting for a registration change").await;
+    // The restored listener serves, and no retry stops it again.
+    let mut open = open_echoing(mesh.web_upstream).await;
+    // An unrelated change is applied, and tries the move once more.
+    let second = free_port();
+    mesh.agent
+        .set_service(web_with(&mesh, vec![wildcard, upstream_json("db", second)]));
+    eventually("the added upstream serves", DEADLINE, || async {
+        (!refused(second).await).then_some(())
+    })
+    .await;
+    eventually("the move was tried again", DEADLINE, || {
+        let undone = web
+            .logs()
+            .matches("upstream listener kept at its previous address")
+            .count();
+        async move { (undone >= 2).then_some(()) }
+    })
+    .await;
+    let logs = web.logs();
+    assert_eq!(
+        logs.matches("upstream listener kept at its previous address")
+            .count(),
+        2,
+        "one undo per registration, not one per retry:\n{logs}"
+    );
+    assert!(
+        !logs.contains("the registration is not fully applied; retrying"),
+        "{logs}"
+    );
+    // The connection opened between the two attempts drains (the second attempt stopped its
+    // listener, with -drain-timeout 1h): it still echoes.
+    let mut b = [0u8; 1];
+    open.write_all(b"!").await.unwrap();
+    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_kept_is_the_one_that_moved_not_another_to_the_same_service() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let (a, b) = (free_port(), free_port());
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![
+            upstream_json("db", a),
+            json!({"DestinationName": "db", "LocalBindPort": b, "Config": {"connect_timeout_ms": 2500}}),
+        ],
+    ));
+    let web = mesh.start_web().await;
+    // a is removed; b moves to a port another process holds.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![json!({"DestinationName": "db", "LocalBindPort": taken, "Config": {"connect_timeout_ms": 2500}})],
+    ));
+    web.wait_log("upstream listener kept at its previous address")
+        .await;
+    eventually("the removed upstream is gone", DEADLINE, || async {
+        refused(a).await.then_some(())
+    })
+    .await;
+    assert!(
+        !refused(b).await,
+        "the upstream that moved keeps serving where it was"
+    );
+    drop(blocker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_upstream_on_the_port_of_one_that_cannot_move_gets_it() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    // db moves to a taken port; cache takes db's old port (on the wildcard address).
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    mesh.agent
+        .set_health("cache", vec![health_entry("db", mesh.db_public, "dc1")]);
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![
+            upstream_json("db", taken),
+            json!({"DestinationName": "cache", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream}),
+        ],
+    ));
+    web.wait_log("upstream listener ready addr=0.0.0.0:").await;
+    let logs = web.logs();
+    assert!(
+        !logs.contains("upstream listener kept at its previous address"),
+        "{logs}"
+    );
+    drop(blocker);
 }
