@@ -27,12 +27,13 @@ fn main() -> ExitCode {
     }
     match reexec {
         Ok(()) => tracing::debug!(
+            reexecuted = std::env::var_os(memcpy_tune::MARKER).is_some(),
             glibc_tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default(),
             "memcpy tuning"
         ),
         Err(error) => tracing::warn!(
             %error,
-            "could not re-execute with glibc's rep movsb threshold raised; bulk transfers may be slower on this CPU"
+            "running without raising glibc's rep movsb threshold; bulk transfers may be slower on this CPU"
         ),
     }
     // The control plane runs on this thread; with -threads N > 1, connections run on N

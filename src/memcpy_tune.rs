@@ -46,13 +46,41 @@ pub fn is_amd(cpuinfo: &str) -> bool {
         .is_some_and(|v| v.trim() == "AuthenticAMD")
 }
 
+/// Set for the re-executed process, so that it never re-executes again whatever glibc leaves
+/// of `GLIBC_TUNABLES` (in secure mode it erases this tunable). It stays in the environment
+/// (removing it needs `unsafe`, which this crate forbids); the proxy starts no child process.
+pub const MARKER: &str = "CONSUL_PROXY_REEXECUTED";
+
+/// `AT_SECURE` in the auxiliary vector: set for setuid binaries, file capabilities and some
+/// security-module transitions. glibc then ignores (and erases) this tunable.
+const AT_SECURE: u64 = 23;
+
+/// Whether the auxiliary vector (`/proc/self/auxv`: pairs of native-endian 64-bit words, type
+/// then value) says the process runs in secure mode.
+pub fn is_secure(auxv: &[u8]) -> bool {
+    auxv.chunks_exact(16).any(|entry| {
+        let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        word(&entry[..8]) == AT_SECURE && word(&entry[8..]) != 0
+    })
+}
+
 /// Re-executes the process with the threshold raised when it should (an AMD CPU, the
-/// threshold not set yet). Returns only when nothing was to be done (`Ok`) or the re-exec
-/// failed (`Err`; the process then simply runs with glibc's defaults).
+/// threshold not set yet, not re-executed already, not in glibc's secure mode, where it
+/// ignores tunables). Returns only when nothing was to be done (`Ok`) or the re-exec failed
+/// (`Err`; the process then simply runs with glibc's defaults).
+///
 #[cfg(all(target_os = "linux", target_env = "gnu", target_arch = "x86_64"))]
 pub fn reexec_if_needed() -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
 
+    if std::env::var_os(MARKER).is_some() {
+        return Ok(());
+    }
+    // Unreadable (no /proc): the re-exec could not work either.
+    match std::fs::read("/proc/self/auxv") {
+        Ok(auxv) if !is_secure(&auxv) => {}
+        _ => return Ok(()),
+    }
     let current = std::env::var_os("GLIBC_TUNABLES");
     let current = match current.as_deref().map(|v| v.to_str()) {
         None => None,
@@ -63,7 +91,9 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
     let Some(tunables) = tunables_with_threshold(current) else {
         return Ok(());
     };
-    if !is_amd(&std::fs::read_to_string("/proc/cpuinfo")?) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read /proc/cpuinfo: {e}")))?;
+    if !is_amd(&cpuinfo) {
         return Ok(());
     }
     let mut args = std::env::args_os();
@@ -73,8 +103,12 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
         .arg0(arg0)
         .args(args)
         .env("GLIBC_TUNABLES", tunables)
+        .env(MARKER, "1")
         .exec();
-    Err(error)
+    Err(std::io::Error::new(
+        error.kind(),
+        format!("cannot re-execute /proc/self/exe: {error}"),
+    ))
 }
 
 /// Elsewhere there is nothing to do.
@@ -106,6 +140,16 @@ mod tests {
         );
         // A tunable whose name merely starts the same is another one.
         assert!(tunables_with_threshold(Some("glibc.cpu.x86_rep_movsb_threshold_x=1")).is_some());
+    }
+
+    #[test]
+    fn secure_mode_is_read_from_the_auxiliary_vector() {
+        let entry = |t: u64, v: u64| [t.to_ne_bytes(), v.to_ne_bytes()].concat();
+        let normal = [entry(6, 4096), entry(23, 0), entry(0, 0)].concat();
+        let secure = [entry(6, 4096), entry(23, 1), entry(0, 0)].concat();
+        assert!(!is_secure(&normal));
+        assert!(is_secure(&secure));
+        assert!(!is_secure(&[]));
     }
 
     #[test]

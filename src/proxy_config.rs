@@ -416,7 +416,7 @@ fn check_unique_binds(
 
 /// Whether two listeners cannot both be bound: the same address, or the same TCP port where
 /// one is a wildcard covering the other (`0.0.0.0` covers IPv4, `::` both families).
-fn binds_conflict(a: &BindAddr, b: &BindAddr) -> bool {
+pub fn binds_conflict(a: &BindAddr, b: &BindAddr) -> bool {
     let covers = |w: IpAddr, other: IpAddr| w.is_unspecified() && (w.is_ipv6() || other.is_ipv4());
     match (a, b) {
         (BindAddr::Tcp(a), BindAddr::Tcp(b)) => {

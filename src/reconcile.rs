@@ -22,7 +22,7 @@ use crate::inbound::{self, InboundContext};
 use crate::metrics::Metrics;
 use crate::net::{self, Listener};
 use crate::outbound::{self, UpstreamContext, UpstreamTarget};
-use crate::proxy_config::{BindAddr, ProxyConfig, PublicListener, UpstreamSpec};
+use crate::proxy_config::{BindAddr, ProxyConfig, PublicListener, UpstreamSpec, binds_conflict};
 use crate::spiffe::TrustDomainPolicy;
 use crate::tls::TlsConfigs;
 use crate::watchers;
@@ -128,12 +128,6 @@ struct ListenerHandle {
 
 /// How long a replacement waits for the listener it replaces on the same port to let go.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
-
-/// Whether two TCP addresses share a port (a listener on one keeps the other from binding
-/// when one of them is a wildcard).
-fn same_tcp_port(a: &BindAddr, b: &BindAddr) -> bool {
-    matches!((a, b), (BindAddr::Tcp(a), BindAddr::Tcp(b)) if a.port() == b.port())
-}
 
 /// Whether two upstream specs reach the same thing (a listener moving between them is a move).
 fn same_target(a: &UpstreamSpec, b: &UpstreamSpec) -> bool {
@@ -360,7 +354,7 @@ impl Listeners {
         for spec in &starting {
             let holder = stopping
                 .iter()
-                .find(|old| same_tcp_port(old, &spec.bind))
+                .find(|old| binds_conflict(old, &spec.bind))
                 .copied();
             if let Some(old) = holder {
                 if self
@@ -391,7 +385,7 @@ impl Listeners {
                         .filter(|old| {
                             !starting
                                 .iter()
-                                .any(|s| s.bind != spec.bind && same_tcp_port(old, &s.bind))
+                                .any(|s| s.bind != spec.bind && binds_conflict(old, &s.bind))
                         })
                         .filter_map(|old| self.upstreams.get(*old))
                         .filter(|old| same_target(&old.spec, spec))
@@ -420,7 +414,7 @@ impl Listeners {
     ) {
         let previous = retired
             .iter()
-            .position(|(old, _)| same_tcp_port(&old.bind, &spec.bind));
+            .position(|(old, _)| binds_conflict(&old.bind, &spec.bind));
         let closed = previous.map(|i| &retired[i].1);
         let error = match bind_replacing(&spec.bind, spec.socket_mode, closed).await {
             Ok(l) => return self.start_upstream(l, spec),
@@ -431,10 +425,12 @@ impl Listeners {
             return;
         };
         let (old, closed) = retired.swap_remove(i);
-        self.failed_swaps
-            .push((old.bind.clone(), spec.bind.clone()));
         match bind_replacing(&old.bind, old.socket_mode, Some(&closed)).await {
             Ok(l) => {
+                // Not retried on the timer: it would stop this listener again every time.
+                // (A failed restore is retried: then nothing serves this upstream.)
+                self.failed_swaps
+                    .push((old.bind.clone(), spec.bind.clone()));
                 tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address; the move waits for a registration change");
                 self.start_upstream(l, old);
             }
@@ -525,8 +521,8 @@ impl Listeners {
             (BindAddr::Tcp(old), BindAddr::Tcp(desired.bind))
         };
         let Some(old) = self.public.take_if(|old| {
-            old.settings.borrow().bind.port() == desired.bind.port()
-                && !self.failed_swaps.contains(&swap(old))
+            let (old_addr, new_addr) = swap(old);
+            binds_conflict(&old_addr, &new_addr) && !self.failed_swaps.contains(&swap(old))
         }) else {
             tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener; keeping the old one");
             return;
@@ -539,10 +535,10 @@ impl Listeners {
             Ok(l) => self.serve_public(l, desired),
             Err(error) => {
                 tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
-                self.failed_swaps.push(attempted);
                 let previous_addr = BindAddr::Tcp(previous.bind);
                 match bind_replacing(&previous_addr, None, Some(&closed)).await {
                     Ok(l) => {
+                        self.failed_swaps.push(attempted);
                         tracing::warn!(addr = %previous.bind, "public listener kept at its previous address; the move waits for a registration change");
                         self.serve_public(l, previous);
                     }

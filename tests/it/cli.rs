@@ -107,21 +107,25 @@ fn files_named_by_flags_or_environment_that_cannot_be_read_exit_2() {
     }
 }
 
-/// The `GLIBC_TUNABLES` the running proxy sees (after any re-exec), from its debug log line.
-/// (Not from /proc/PID/environ: glibc rewrites that copy of the variable while parsing it.)
-async fn tunables_after_start(env: &[(&str, &str)]) -> String {
+/// How the running proxy started (after any re-exec), from its debug log line: whether it was
+/// re-executed, and the `GLIBC_TUNABLES` it sees. (Not from /proc/PID/environ: glibc rewrites
+/// that copy of the variable while parsing it.)
+async fn tuning_after_start(env: &[(&str, &str)]) -> (bool, String) {
     // No agent at this address: the proxy stays up, waiting for it.
     let p =
         crate::support::ProxyProcess::spawn(&["-http-addr", "127.0.0.1:1", "-proxy-id", "x"], env);
     p.wait_log("memcpy tuning").await;
     let logs = p.logs();
+    assert_eq!(logs.matches("memcpy tuning").count(), 1, "{logs}");
     let line = logs.lines().find(|l| l.contains("memcpy tuning")).unwrap();
-    line.split("glibc_tunables=")
+    let tunables = line
+        .split("glibc_tunables=")
         .nth(1)
         .unwrap()
         .trim()
         .trim_matches('"')
-        .to_owned()
+        .to_owned();
+    (line.contains("reexecuted=true"), tunables)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,18 +133,27 @@ async fn on_amd_cpus_the_proxy_runs_with_the_rep_movsb_threshold_raised_unless_s
     let amd = consul_proxy::memcpy_tune::is_amd(&std::fs::read_to_string("/proc/cpuinfo").unwrap());
     let ours = "glibc.cpu.x86_rep_movsb_threshold=0x1000000";
     let expect = |base: &str| match (amd, base.is_empty()) {
-        (false, _) => base.to_owned(),
-        (true, true) => ours.to_owned(),
-        (true, false) => format!("{base}:{ours}"),
+        (false, _) => (false, base.to_owned()),
+        (true, true) => (true, ours.to_owned()),
+        (true, false) => (true, format!("{base}:{ours}")),
     };
-    assert_eq!(tunables_after_start(&[]).await, expect(""), "AMD: {amd}");
+    assert_eq!(tuning_after_start(&[]).await, expect(""), "AMD: {amd}");
     // Other tunables are kept.
     let other = "glibc.malloc.arena_max=2";
     assert_eq!(
-        tunables_after_start(&[("GLIBC_TUNABLES", other)]).await,
+        tuning_after_start(&[("GLIBC_TUNABLES", other)]).await,
         expect(other)
     );
-    // An operator's own threshold wins.
+    // An operator's own threshold wins: no re-exec.
     let own = "glibc.cpu.x86_rep_movsb_threshold=0x840";
-    assert_eq!(tunables_after_start(&[("GLIBC_TUNABLES", own)]).await, own);
+    assert_eq!(
+        tuning_after_start(&[("GLIBC_TUNABLES", own)]).await,
+        (false, own.to_owned())
+    );
+    // A process that was re-executed already never is again, whatever its environment says
+    // (glibc erases the tunable in secure mode, e.g. with file capabilities).
+    assert_eq!(
+        tuning_after_start(&[(consul_proxy::memcpy_tune::MARKER, "1")]).await,
+        (true, String::new())
+    );
 }

@@ -977,3 +977,47 @@ async fn a_new_upstream_on_the_port_of_one_that_cannot_move_gets_it() {
     );
     drop(blocker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_another_address_on_the_same_port_held_by_someone_else_stops_nothing() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web_with(&["-drain-timeout", "1s"]).await;
+    let mut open = open_echoing(mesh.web_upstream).await;
+    // Another process holds 127.0.0.2 on the same port: our 127.0.0.1 listener is not what
+    // keeps the move from happening, so it must not be stopped for it.
+    let other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![json!({"DestinationName": "db", "LocalBindAddress": "127.0.0.2", "LocalBindPort": mesh.web_upstream})],
+    ));
+    eventually("a retry happened", DEADLINE, || {
+        let kept = web
+            .logs()
+            .matches("upstream listener kept at its previous address")
+            .count();
+        async move { (kept >= 2).then_some(()) }
+    })
+    .await;
+    let mut b = [0u8; 1];
+    open.write_all(b"!").await.unwrap();
+    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !web.logs()
+            .contains("stopping a listener removed from the registration"),
+        "{}",
+        web.logs()
+    );
+    // Once the address is free, a retry moves the upstream there.
+    drop(other);
+    eventually("the upstream moved", DEADLINE, || async {
+        TcpStream::connect(("127.0.0.2", mesh.web_upstream))
+            .await
+            .is_ok()
+            .then_some(())
+    })
+    .await;
+}
