@@ -677,6 +677,42 @@ async fn the_idle_timeout_resets_the_app_side_rather_than_ending_it_in_order() {
         .await;
 }
 
+/// Waits until `needle` was logged at least `n` times.
+async fn wait_count(p: &ProxyProcess, needle: &str, n: usize) {
+    eventually(&format!("{n} x {needle:?}"), DEADLINE, || {
+        let seen = p.logs().matches(needle).count();
+        async move { (seen >= n).then_some(()) }
+    })
+    .await;
+}
+
+/// Moves web's db upstream to `address` on the same port, where it cannot be bound, and checks
+/// that the old listener is kept through at least one retry without ever being stopped: the
+/// connection `open` on it still echoes.
+async fn move_db_and_see_it_kept(
+    mesh: &Mesh,
+    web: &ProxyProcess,
+    open: &mut TcpStream,
+    address: &str,
+) {
+    mesh.agent.set_service(web_with(
+        mesh,
+        vec![json!({"DestinationName": "db", "LocalBindAddress": address, "LocalBindPort": mesh.web_upstream})],
+    ));
+    wait_count(web, "upstream listener kept at its previous address", 2).await;
+    let mut b = [0u8; 1];
+    open.write_all(b"!").await.unwrap();
+    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    let logs = web.logs();
+    assert!(
+        !logs.contains("stopping a listener removed from the registration"),
+        "{logs}"
+    );
+}
+
 /// web's registration with these upstreams (its public port and app as in the mesh).
 fn web_with(mesh: &Mesh, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
     sidecar_json(
@@ -842,30 +878,7 @@ async fn a_move_to_an_address_that_cannot_be_bound_never_stops_the_old_listener(
     let mut open = open_echoing(mesh.web_upstream).await;
     // 192.0.2.1 (TEST-NET-1) is not an address of this host. Same port, but a specific
     // address next to another: the new bind is tried while the old listener keeps serving.
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![json!({"DestinationName": "db", "LocalBindAddress": "192.0.2.1", "LocalBindPort": mesh.web_upstream})],
-    ));
-    eventually("a retry happened", DEADLINE, || {
-        let kept = web
-            .logs()
-            .matches("upstream listener kept at its previous address")
-            .count();
-        async move { (kept >= 2).then_some(()) }
-    })
-    .await;
-    let mut b = [0u8; 1];
-    open.write_all(b"!").await.unwrap();
-    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        !web.logs()
-            .contains("stopping a listener removed from the registration"),
-        "{}",
-        web.logs()
-    );
+    move_db_and_see_it_kept(&mesh, &web, &mut open, "192.0.2.1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -890,14 +903,7 @@ async fn a_move_on_the_same_port_that_fails_is_undone_once_not_on_every_retry() 
         (!refused(second).await).then_some(())
     })
     .await;
-    eventually("the move was tried again", DEADLINE, || {
-        let undone = web
-            .logs()
-            .matches("upstream listener kept at its previous address")
-            .count();
-        async move { (undone >= 2).then_some(()) }
-    })
-    .await;
+    wait_count(&web, "upstream listener kept at its previous address", 2).await;
     let logs = web.logs();
     assert_eq!(
         logs.matches("upstream listener kept at its previous address")
@@ -987,30 +993,7 @@ async fn a_move_to_another_address_on_the_same_port_held_by_someone_else_stops_n
     // Another process holds 127.0.0.2 on the same port: our 127.0.0.1 listener is not what
     // keeps the move from happening, so it must not be stopped for it.
     let other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![json!({"DestinationName": "db", "LocalBindAddress": "127.0.0.2", "LocalBindPort": mesh.web_upstream})],
-    ));
-    eventually("a retry happened", DEADLINE, || {
-        let kept = web
-            .logs()
-            .matches("upstream listener kept at its previous address")
-            .count();
-        async move { (kept >= 2).then_some(()) }
-    })
-    .await;
-    let mut b = [0u8; 1];
-    open.write_all(b"!").await.unwrap();
-    tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        !web.logs()
-            .contains("stopping a listener removed from the registration"),
-        "{}",
-        web.logs()
-    );
+    move_db_and_see_it_kept(&mesh, &web, &mut open, "127.0.0.2").await;
     // Once the address is free, a retry moves the upstream there.
     drop(other);
     eventually("the upstream moved", DEADLINE, || async {
