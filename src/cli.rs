@@ -140,6 +140,11 @@ pub struct Args {
     #[arg(long = "max-inbound-conns", value_name = "N", default_value = "0")]
     pub max_inbound_conns: String,
 
+    /// Refuse new inbound connections beyond N per second, in bursts of up to N (0 = no
+    /// limit). `Proxy.Config.max_inbound_connection_rate` overrides it.
+    #[arg(long = "max-inbound-conn-rate", value_name = "N", default_value = "0")]
+    pub max_inbound_conn_rate: String,
+
     /// Serve /ready, /metrics and /status on this address (plain HTTP; keep it on loopback).
     #[arg(long = "admin-addr", value_name = "HOST:PORT")]
     pub admin_addr: Option<String>,

@@ -40,11 +40,25 @@ pub struct InboundContext {
     /// Inbound connections open right now, handshakes included, shared by every public
     /// listener (a moved listener's draining connections still count).
     pub active: Arc<AtomicUsize>,
+    /// New inbound connections per second, shared by every public listener.
+    pub rate: Arc<RateLimit>,
 }
 
 /// Handles one accepted connection; `kill` cuts it (shutdown after the drain deadline).
 pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: CancellationToken) {
     let settings = ctx.settings.borrow().clone();
+    if !ctx
+        .rate
+        .allow(settings.max_connection_rate, std::time::Instant::now())
+    {
+        // Debug only: a flood must not become a flood of log lines (the metric counts it).
+        tracing::debug!(
+            rate = settings.max_connection_rate,
+            "inbound connection rate limit reached; refusing"
+        );
+        ctx.metrics.inbound_rate_limited.inc();
+        return;
+    }
     let Some(_slot) = Slot::take(&ctx.active, settings.max_connections) else {
         tracing::warn!(
             limit = settings.max_connections,
@@ -277,6 +291,52 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// A token bucket for new inbound connections: up to `rate` per second, in bursts of up to
+/// `rate`. One short lock per accepted connection, and only when a rate is set.
+#[derive(Debug, Default)]
+pub struct RateLimit(std::sync::Mutex<Option<Bucket>>);
+
+/// The bucket's state.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    /// Refills for the time since the last call (up to `rate` tokens), then takes one if
+    /// there is one.
+    fn take(&mut self, rate: usize, now: std::time::Instant) -> bool {
+        let rate = rate as f64;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl RateLimit {
+    /// Whether one more connection fits under `rate` per second (`None`: no limit).
+    pub fn allow(&self, rate: Option<usize>, now: std::time::Instant) -> bool {
+        let Some(rate) = rate else {
+            return true;
+        };
+        // Invariant: nothing panics while holding this lock.
+        let mut bucket = self.0.lock().expect("rate limit lock");
+        bucket
+            .get_or_insert(Bucket {
+                tokens: rate as f64,
+                last: now,
+            })
+            .take(rate, now)
+    }
+}
+
 /// Resolves once no byte moved either way for `timeout` (checked every half timeout, so the
 /// close comes after between one and one and a half timeouts of silence).
 async fn idle_for(bytes: &forward::Counters, timeout: Duration) {
@@ -323,6 +383,26 @@ mod tests {
         drop(a);
         assert!(Slot::take(&active, Some(2)).is_some());
         assert!(Slot::take(&active, None).is_some(), "no limit");
+    }
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_the_rate() {
+        let limit = RateLimit::default();
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A burst of 4 at once, then nothing until tokens come back at 4 per second.
+        assert!((0..4).all(|_| limit.allow(Some(4), at(0))));
+        assert!(!limit.allow(Some(4), at(0)));
+        assert!(!limit.allow(Some(4), at(200)), "0.8 of a token");
+        assert!(limit.allow(Some(4), at(250)));
+        assert!(!limit.allow(Some(4), at(250)));
+        // A long pause refills to the burst size, not beyond.
+        assert_eq!(
+            (0..10).filter(|_| limit.allow(Some(4), at(60_000))).count(),
+            4
+        );
+        // No limit.
+        assert!((0..1000).all(|_| limit.allow(None, at(60_000))));
     }
 
     #[tokio::test(start_paused = true)]

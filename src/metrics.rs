@@ -46,6 +46,8 @@ pub struct Metrics {
     pub closed_idle: Counter,
     /// Inbound connections refused because the connection limit was reached.
     pub inbound_over_limit: Counter,
+    /// Inbound connections refused because the new-connection rate limit was reached.
+    pub inbound_rate_limited: Counter,
     /// Upstream connections established.
     pub upstream_connected: Counter,
     /// Upstream connections that found no endpoint or exhausted their attempts.
@@ -95,6 +97,7 @@ impl Metrics {
                     self.inbound_app_unreachable.get(),
                 ),
                 ("{result=\"over_limit\"}", self.inbound_over_limit.get()),
+                ("{result=\"rate_limited\"}", self.inbound_rate_limited.get()),
             ],
         );
         counter(

@@ -36,6 +36,9 @@ pub struct Defaults {
     pub idle_timeout: Option<Duration>,
     /// `-max-inbound-conns` (`max_inbound_connections`); `None` is unlimited.
     pub max_inbound_connections: Option<usize>,
+    /// `-max-inbound-conn-rate` (`max_inbound_connection_rate`, per second); `None` is
+    /// unlimited.
+    pub max_inbound_connection_rate: Option<usize>,
 }
 
 /// The proxy configuration at one point in time.
@@ -73,6 +76,8 @@ pub struct PublicListener {
     pub idle_timeout: Option<Duration>,
     /// Refuse new inbound connections while this many are open (handshakes included).
     pub max_connections: Option<usize>,
+    /// Refuse new inbound connections beyond this many per second (bursts up to as many).
+    pub max_connection_rate: Option<usize>,
 }
 
 /// The local application.
@@ -251,11 +256,16 @@ impl ProxyConfig {
                     defaults.max_conn_lifetime,
                 )?,
                 idle_timeout: optional_ms(cfg, "idle_timeout_ms", defaults.idle_timeout)?,
-                max_connections: match opt_number(cfg, "max_inbound_connections")? {
-                    None => defaults.max_inbound_connections,
-                    Some(0.0) => None,
-                    Some(n) => Some(n as usize),
-                },
+                max_connections: opt_limit(
+                    cfg,
+                    "max_inbound_connections",
+                    defaults.max_inbound_connections,
+                )?,
+                max_connection_rate: opt_limit(
+                    cfg,
+                    "max_inbound_connection_rate",
+                    defaults.max_inbound_connection_rate,
+                )?,
             })
         };
 
@@ -442,6 +452,19 @@ fn split_host_port(s: &str) -> Option<(String, u16)> {
     Some((host.trim_matches(|c| c == '[' || c == ']').to_owned(), port))
 }
 
+/// A count key where 0 means "no limit"; absent, the flag's value.
+fn opt_limit(
+    cfg: &Map<String, Value>,
+    key: &str,
+    default: Option<usize>,
+) -> Result<Option<usize>, String> {
+    Ok(match opt_number(cfg, key)? {
+        None => default,
+        Some(0.0) => None,
+        Some(n) => Some(n as usize),
+    })
+}
+
 fn opt_str<'a>(cfg: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, String> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -613,6 +636,7 @@ mod tests {
             max_conn_lifetime: Some(Duration::from_secs(3600)),
             idle_timeout: Some(Duration::from_secs(300)),
             max_inbound_connections: Some(1000),
+            max_inbound_connection_rate: Some(50),
         };
         let cfg = ProxyConfig::from_api(&registration(sidecar()), &defaults)
             .unwrap()
@@ -622,12 +646,14 @@ mod tests {
         assert_eq!(public.max_conn_lifetime, defaults.max_conn_lifetime);
         assert_eq!(public.idle_timeout, defaults.idle_timeout);
         assert_eq!(public.max_connections, Some(1000));
+        assert_eq!(public.max_connection_rate, Some(50));
 
         let mut j = sidecar();
         j["Proxy"]["Config"]["reauthorize_interval_ms"] = 0.into();
         j["Proxy"]["Config"]["max_conn_lifetime_ms"] = 5000.into();
         j["Proxy"]["Config"]["idle_timeout_ms"] = "0".into();
         j["Proxy"]["Config"]["max_inbound_connections"] = 10.into();
+        j["Proxy"]["Config"]["max_inbound_connection_rate"] = 0.into();
         let cfg = ProxyConfig::from_api(&registration(j), &defaults)
             .unwrap()
             .config;
@@ -636,6 +662,7 @@ mod tests {
         assert_eq!(public.max_conn_lifetime, Some(Duration::from_secs(5)));
         assert_eq!(public.idle_timeout, None);
         assert_eq!(public.max_connections, Some(10));
+        assert_eq!(public.max_connection_rate, None, "0 turns it off");
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct Shared {
     pub workers: Option<Arc<crate::workers::Workers>>,
     /// Inbound connections open right now (for the connection limit).
     pub inbound_active: Arc<std::sync::atomic::AtomicUsize>,
+    /// New inbound connections per second (for the rate limit).
+    pub inbound_rate: Arc<crate::inbound::RateLimit>,
 }
 
 struct RunningPublic {
@@ -586,6 +588,7 @@ impl Listeners {
             registry: s.inbound.clone(),
             metrics: s.metrics.clone(),
             active: s.inbound_active.clone(),
+            rate: s.inbound_rate.clone(),
         });
         let handle = self.spawn_accept(listener, "inbound", move |stream, kill| {
             inbound::serve_conn(stream, ctx.clone(), kill)
@@ -705,6 +708,7 @@ mod tests {
             max_conn_lifetime: None,
             idle_timeout: None,
             max_connections: None,
+            max_connection_rate: None,
         }
     }
 

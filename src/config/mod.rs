@@ -166,21 +166,24 @@ impl Config {
             parse_duration(raw).map_err(|reason| ConfigError::Flag { flag, reason })
         };
         let optional = |flag, raw: &str| duration(flag, raw).map(|d| (!d.is_zero()).then_some(d));
+        // A count where 0 means "no limit".
+        let limit = |flag: &'static str, raw: &str| match raw.parse::<usize>() {
+            Ok(n) => Ok((n > 0).then_some(n)),
+            Err(_) => Err(ConfigError::Flag {
+                flag,
+                reason: format!("{raw:?}: expected a number"),
+            }),
+        };
         let drain_timeout = duration("drain-timeout", &args.drain_timeout)?;
         let defaults = Defaults {
             reauthorize_interval: optional("reauthorize-interval", &args.reauthorize_interval)?,
             max_conn_lifetime: optional("max-conn-lifetime", &args.max_conn_lifetime)?,
             idle_timeout: optional("idle-timeout", &args.idle_timeout)?,
-            max_inbound_connections: match args.max_inbound_conns.parse::<usize>() {
-                Ok(0) => None,
-                Ok(n) => Some(n),
-                Err(_) => {
-                    return Err(ConfigError::Flag {
-                        flag: "max-inbound-conns",
-                        reason: format!("{:?}: expected a number", args.max_inbound_conns),
-                    });
-                }
-            },
+            max_inbound_connections: limit("max-inbound-conns", &args.max_inbound_conns)?,
+            max_inbound_connection_rate: limit(
+                "max-inbound-conn-rate",
+                &args.max_inbound_conn_rate,
+            )?,
         };
         let tls_resumption = on_off("tls-resumption", &args.tls_resumption)?;
         let threads = match args.threads.parse::<usize>() {
@@ -443,12 +446,19 @@ mod tests {
                 "5m",
                 "-max-inbound-conns",
                 "100",
+                "-max-inbound-conn-rate",
+                "20",
             ],
             &[],
         )
         .unwrap();
         assert_eq!(c.defaults.idle_timeout, Some(Duration::from_secs(300)));
         assert_eq!(c.defaults.max_inbound_connections, Some(100));
+        assert_eq!(c.defaults.max_inbound_connection_rate, Some(20));
+        let err = build(&["-proxy-id", "p", "-max-inbound-conn-rate", "fast"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("-max-inbound-conn-rate"), "{err}");
         let err = build(&["-proxy-id", "p", "-max-inbound-conns", "lots"], &[])
             .unwrap_err()
             .to_string();

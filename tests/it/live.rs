@@ -1004,3 +1004,50 @@ async fn a_move_to_another_address_on_the_same_port_held_by_someone_else_stops_n
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_connection_rate_limit_refuses_a_flood() {
+    let mesh = Mesh::with_db_config(json!({"max_inbound_connection_rate": 2})).await;
+    let admin = free_port();
+    let _db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    // 20 connections as fast as possible: a burst of 2 passes, then 2 per second.
+    let start = std::time::Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(
+            TcpStream::connect(("127.0.0.1", mesh.db_public))
+                .await
+                .unwrap(),
+        );
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let most_allowed = 2 + (2.0 * elapsed).ceil() as u64;
+    let limited = eventually("the refusals are counted", DEADLINE, || async {
+        let m = metrics(admin).await;
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("consul_proxy_inbound_connections_total{result=\"rate_limited\"}")
+            })
+            .map(str::to_owned)?;
+        let n: u64 = line.rsplit(' ').next()?.parse().ok()?;
+        (n >= 20 - most_allowed).then_some(n)
+    })
+    .await;
+    assert!(limited <= 18, "the burst passes: {limited} refused");
+    // Once tokens come back, callers get through again.
+    let leaf = mesh.ca.leaf("web", "dc1");
+    eventually(
+        "a caller after the flood gets through",
+        DEADLINE,
+        || async {
+            let s = tls_client::connect(mesh.db_public, Some(&leaf))
+                .await
+                .ok()?;
+            Live(s).echoes().await.then_some(())
+        },
+    )
+    .await;
+}
