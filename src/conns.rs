@@ -163,6 +163,21 @@ impl Conn {
         verify_peer_chain(bundle, leaf, intermediates, self.verified_at, role)
     }
 
+    /// Checks the chain again if the roots changed since the handshake verified it:
+    /// `handshake` is the bundle the handshake used, `current` the one in use now. Registered
+    /// first, then checked, a connection cannot miss a change: one published after this read
+    /// finds it in the registry.
+    pub fn recheck_if_roots_changed(
+        &self,
+        handshake: &Arc<TrustBundle>,
+        current: Option<Arc<TrustBundle>>,
+    ) -> Result<(), rustls::Error> {
+        match current {
+            Some(current) if !Arc::ptr_eq(&current, handshake) => self.verify_chain(&current),
+            _ => Ok(()),
+        }
+    }
+
     /// Asks the connection to close, with a reason for its log line. The first reason wins;
     /// returns whether this call was the first (so that a closure is counted once).
     pub fn close(&self, reason: String) -> bool {

@@ -64,6 +64,28 @@ where
     .await
 }
 
+/// Logs how a splice ended and returns whether it ended in order (both directions reached
+/// EOF) rather than with an error. `a_is_peer` says whether the splice's first stream is the
+/// remote mTLS peer (inbound) or the local client (upstream), which decides which count is
+/// "in" (from the peer) and which "out".
+pub fn ended_in_order(result: io::Result<Transferred>, a_is_peer: bool) -> bool {
+    match result {
+        Ok(t) => {
+            let (from_peer, to_peer) = if a_is_peer {
+                (t.a_to_b, t.b_to_a)
+            } else {
+                (t.b_to_a, t.a_to_b)
+            };
+            tracing::debug!(bytes.in = from_peer, bytes.out = to_peer, "connection closed");
+            true
+        }
+        Err(error) => {
+            tracing::debug!(%error, "connection ended with an error");
+            false
+        }
+    }
+}
+
 /// One direction of a splice.
 #[derive(Debug, Default)]
 struct Pump {

@@ -116,12 +116,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         ctx.metrics.inbound_tls_full.inc();
     }
 
-    let chain: Vec<_> = tls_stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
+    let chain = peer::owned_chain(tls_stream.get_ref().1);
     // A resumed session carries the certificates of the handshake that issued its ticket,
     // verified then against these same roots (a change of roots changes the ticket key);
     // rustls does not look at them again. Check that they are still within their validity
@@ -174,17 +169,14 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     }
     // The handshake verified the chain against the roots of its time; if they changed since,
     // check it against the current ones (the enforcer may have run before we registered).
-    if let Some(current) = ctx.tls.borrow().clone() {
-        if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
-            if let Err(error) = conn.verify_chain(&current.bundle) {
-                tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
-                if !conn.is_closed() {
-                    // (else the enforcer closed and counted it already)
-                    ctx.metrics.inbound_handshake_failed.inc();
-                }
-                return;
-            }
+    let current = ctx.tls.borrow().as_ref().map(|t| t.bundle.clone());
+    if let Err(error) = conn.recheck_if_roots_changed(&tls.bundle, current) {
+        tracing::info!(source = %peer.id, %error, "certificate chain no longer trusted");
+        if !conn.is_closed() {
+            // (else the enforcer closed and counted it already)
+            ctx.metrics.inbound_handshake_failed.inc();
         }
+        return;
     }
     tracing::debug!(source = %peer.id, reason = %decision.reason, resumed, "connection authorized");
 
@@ -253,16 +245,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             ctx.metrics.closed_idle.inc();
             false
         }
-        r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => match r {
-            Ok(t) => {
-                tracing::debug!(bytes.in = t.a_to_b, bytes.out = t.b_to_a, "connection closed");
-                true
-            }
-            Err(error) => {
-                tracing::debug!(%error, "connection ended with an error");
-                false
-            }
-        },
+        r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => forward::ended_in_order(r, true),
     };
     if !orderly {
         app.abort_on_close();

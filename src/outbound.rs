@@ -125,12 +125,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     } else {
         ctx.metrics.outbound_tls_full.inc();
     }
-    let chain: Vec<_> = remote
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
+    let chain = peer::owned_chain(remote.get_ref().1);
     let registration = ctx.registry.register(NewConn {
         side: Side::Upstream,
         peer: server.id,
@@ -141,18 +136,15 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     let conn = registration.conn().clone();
     // The handshake verified the server against the roots of its time; if they changed since,
     // check it against the current ones (the enforcer may have run before we registered).
-    if let Some(current) = ctx.tls.borrow().clone() {
-        if !Arc::ptr_eq(&current.bundle, &tls.bundle) {
-            if let Err(error) = conn.verify_chain(&current.bundle) {
-                tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "server certificate chain no longer trusted; closing");
-                if !conn.is_closed() {
-                    // (else the enforcer closed and counted it already)
-                    ctx.metrics.upstream_failed.inc();
-                }
-                local.abort_on_close();
-                return crate::net::abort_on_close(remote.get_ref().0.get_ref());
-            }
+    let current = ctx.tls.borrow().as_ref().map(|t| t.bundle.clone());
+    if let Err(error) = conn.recheck_if_roots_changed(&tls.bundle, current) {
+        tracing::warn!(upstream = %spec.destination, endpoint = %ep.authority(), %error, "server certificate chain no longer trusted; closing");
+        if !conn.is_closed() {
+            // (else the enforcer closed and counted it already)
+            ctx.metrics.upstream_failed.inc();
         }
+        local.abort_on_close();
+        return crate::net::abort_on_close(remote.get_ref().0.get_ref());
     }
     ctx.metrics.upstream_connected.inc();
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
@@ -165,16 +157,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
             tracing::info!(upstream = %spec.destination, endpoint = %ep.authority(), reason = conn.close_reason().unwrap_or("closed"), "upstream connection closed by the proxy");
             false
         }
-        r = forward::splice(&mut local, &mut remote, &conn.bytes) => match r {
-            Ok(t) => {
-                tracing::debug!(bytes.out = t.a_to_b, bytes.in = t.b_to_a, "connection closed");
-                true
-            }
-            Err(error) => {
-                tracing::debug!(%error, "connection ended with an error");
-                false
-            }
-        },
+        r = forward::splice(&mut local, &mut remote, &conn.bytes) => forward::ended_in_order(r, false),
     };
     if !orderly {
         // A cut, a close by the enforcer or an error (e.g. the server's side ended without

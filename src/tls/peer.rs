@@ -85,6 +85,14 @@ pub fn check_trust_domain(
     })
 }
 
+/// The peer's certificate chain as presented, leaf first, owned (empty when none was
+/// presented), for keeping past the handshake.
+pub fn owned_chain(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    conn.peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}
+
 /// Lowercase colon-hex of the minimal big-endian serial bytes, e.g. `1e:4c:07`.
 fn colon_hex(bytes: &[u8]) -> String {
     let trimmed = match bytes.iter().position(|b| *b != 0) {
