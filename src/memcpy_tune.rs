@@ -76,11 +76,6 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
     if std::env::var_os(MARKER).is_some() {
         return Ok(());
     }
-    // Unreadable (no /proc): the re-exec could not work either.
-    match std::fs::read("/proc/self/auxv") {
-        Ok(auxv) if !is_secure(&auxv) => {}
-        _ => return Ok(()),
-    }
     let current = std::env::var_os("GLIBC_TUNABLES");
     let current = match current.as_deref().map(|v| v.to_str()) {
         None => None,
@@ -95,6 +90,11 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read /proc/cpuinfo: {e}")))?;
     if !is_amd(&cpuinfo) {
         return Ok(());
+    }
+    // Unreadable (no /proc): the re-exec could not work either.
+    match std::fs::read("/proc/self/auxv") {
+        Ok(auxv) if !is_secure(&auxv) => {}
+        _ => return Ok(()),
     }
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "consul-proxy".into());
