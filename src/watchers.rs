@@ -119,29 +119,35 @@ pub fn spawn_proxy_config(
     let running = config.clone();
     let (tx, rx) = channel(Some(Arc::new(config)));
     tokio::spawn(async move {
-        let first = std::sync::Mutex::new(Some(hash));
-        watch::run("proxy-config", &settings, tx, cancel, |cursor: Hash| {
-            let client = client.clone();
-            let proxy_id = proxy_id.clone();
-            // Resume from the hash of the start-up read instead of fetching it again.
-            let hash = cursor.0.or_else(|| first.lock().expect("hash lock").take());
-            let wait = settings.wait;
-            let running = &running;
-            async move {
-                let (svc, hash) = client
-                    .agent_service(&proxy_id, hash.as_deref(), wait)
-                    .await?;
-                let converted = ProxyConfig::from_api(&svc, &defaults)
-                    .and_then(|c| running.can_become(&c.config).map(|()| c))
-                    .map(|c| {
-                        for note in c.notes {
-                            tracing::info!(%note, "proxy configuration");
-                        }
-                        c.config
-                    });
-                Ok((Hash(Some(hash)), converted))
-            }
-        })
+        let read = Some(Hash(Some(hash)));
+        watch::run_from(
+            "proxy-config",
+            &settings,
+            tx,
+            cancel,
+            read,
+            |cursor: Hash| {
+                let client = client.clone();
+                let proxy_id = proxy_id.clone();
+                let hash = cursor.0;
+                let wait = settings.wait;
+                let running = &running;
+                async move {
+                    let (svc, hash) = client
+                        .agent_service(&proxy_id, hash.as_deref(), wait)
+                        .await?;
+                    let converted = ProxyConfig::from_api(&svc, &defaults)
+                        .and_then(|c| running.can_become(&c.config).map(|()| c))
+                        .map(|c| {
+                            for note in c.notes {
+                                tracing::info!(%note, "proxy configuration");
+                            }
+                            c.config
+                        });
+                    Ok((Hash(Some(hash)), converted))
+                }
+            },
+        )
         .await
     });
     rx

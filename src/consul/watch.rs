@@ -245,6 +245,25 @@ pub async fn run<T, C, F, Fut>(
     settings: &WatchSettings,
     tx: Publisher<T>,
     cancel: CancellationToken,
+    fetch: F,
+) where
+    T: PartialEq + Send + Sync,
+    C: Cursor,
+    F: FnMut(C) -> Fut,
+    Fut: Future<Output = FetchResult<C, T>>,
+{
+    run_from(name, settings, tx, cancel, None, fetch).await;
+}
+
+/// As [`run`]; with `read`, the value in `tx` was read at that cursor before the loop (at
+/// start-up): it counts as an answer and the first query blocks from there instead of
+/// fetching it again. After an error the loop starts over from the default cursor as usual.
+pub async fn run_from<T, C, F, Fut>(
+    name: &str,
+    settings: &WatchSettings,
+    tx: Publisher<T>,
+    cancel: CancellationToken,
+    read: Option<C>,
     mut fetch: F,
 ) where
     T: PartialEq + Send + Sync,
@@ -252,12 +271,15 @@ pub async fn run<T, C, F, Fut>(
     F: FnMut(C) -> Fut,
     Fut: Future<Output = FetchResult<C, T>>,
 {
-    let mut cursor = C::default();
     let mut bucket = TokenBucket::new(settings.burst, settings.refill, Instant::now());
     let mut failures: u32 = 0;
     let mut last_failure: Option<&'static str> = None;
     let mut last_rejection: Option<String> = None;
     let report = Reporting::start(&settings.health, name);
+    if read.is_some() {
+        report.answered(false);
+    }
+    let mut cursor = read.unwrap_or_default();
     loop {
         let delay = bucket.take(Instant::now());
         if !delay.is_zero() && !sleep_or_cancel(delay, &cancel).await {
@@ -562,6 +584,37 @@ mod tests {
         assert_eq!(state.failure, Some("status"));
         assert_eq!(state.errors, 2);
         assert_eq!(state.last_success_unix, None, "never answered");
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_resuming_from_a_start_up_read_counts_it_as_answered() {
+        let script = Script::new(vec![Err(status_error())]);
+        let (tx, _rx) = watch::channel(Some(Arc::new(1u32)));
+        let settings = WatchSettings::default();
+        let health = settings.health.clone();
+        let s = script.clone();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                let read = Some(Index(7));
+                run_from("config", &settings, tx, cancel, read, |c| s.fetch(c)).await
+            }
+        });
+        script.exhausted.notified().await;
+        assert_eq!(
+            script.seen.lock().unwrap().clone(),
+            vec![Index(7), Index(0)],
+            "blocks from the start-up read; after an error starts over"
+        );
+        let state = health.snapshot().remove("config").unwrap();
+        assert!(
+            state.last_success_unix.is_some(),
+            "the start-up read is an answer"
+        );
+        assert!(state.failing, "the later error still shows");
         cancel.cancel();
         task.await.unwrap();
     }
