@@ -424,7 +424,8 @@ where
 fn is_unavailable(e: &ConsulError) -> bool {
     match e {
         ConsulError::Unreachable { .. } | ConsulError::Protocol { .. } => true,
-        ConsulError::Status { status, .. } => *status >= 500 || *status == 429,
+        ConsulError::TooManyRequests { .. } => true,
+        ConsulError::Status { status, .. } => *status >= 500,
         _ => false,
     }
 }

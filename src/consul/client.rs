@@ -17,6 +17,10 @@ use crate::config::{AgentConfig, Scheme, Secret, TokenSource, Transport};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time allowed to open a connection to the agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an HTTP/2 connection to the agent is pinged while requests are open on it.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(15);
+/// How long a ping may go unanswered before the connection (and its requests) is dropped.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A value with the blocking index it was read at (`X-Consul-Index`).
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +83,11 @@ impl ConsulClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Over HTTPS the agent negotiates HTTP/2 and every watch shares one connection:
+            // ping it, so that a connection that died silently fails all of them within
+            // seconds rather than at the end of their long-polls.
+            .http2_keep_alive_interval(H2_PING_INTERVAL)
+            .http2_keep_alive_timeout(H2_PING_TIMEOUT)
             .no_proxy();
         let host = match &config.addr.transport {
             Transport::Unix(path) => {
@@ -387,6 +396,10 @@ impl ConsulClient {
                     body: text,
                 },
                 StatusCode::NOT_FOUND => ConsulError::NotFound {
+                    endpoint: ep.what.clone(),
+                    body: text,
+                },
+                StatusCode::TOO_MANY_REQUESTS => ConsulError::TooManyRequests {
                     endpoint: ep.what.clone(),
                     body: text,
                 },

@@ -32,6 +32,15 @@ pub enum ConsulError {
         /// The agent's message.
         body: String,
     },
+    /// 429: the agent limits this client, most often by `limits.http_max_conns_per_client`
+    /// (concurrent connections per client address). Transient from our side: retried.
+    #[error("{endpoint}: the agent refused the request (429): {body}{}", limit_hint(.body))]
+    TooManyRequests {
+        /// What was requested.
+        endpoint: String,
+        /// The agent's message.
+        body: String,
+    },
     /// Any other non-2xx status.
     #[error("{endpoint}: agent answered {status}: {body}")]
     Status {
@@ -73,6 +82,17 @@ pub enum ConsulError {
     Setup(String),
 }
 
+/// What to do about the agent's per-client connection limit, when that is what refused us.
+fn limit_hint(body: &str) -> &'static str {
+    if body.contains("concurrent connections") {
+        " (every blocking query holds one HTTP/1.1 connection and the agent allows \
+         limits.http_max_conns_per_client, default 200, per client address: point -http-addr at \
+         the agent's HTTPS port, where all queries share one HTTP/2 connection, or raise the limit)"
+    } else {
+        ""
+    }
+}
+
 impl ConsulError {
     /// Whether the agent could not be reached at all (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
@@ -96,11 +116,37 @@ impl ConsulError {
             ConsulError::Unreachable { .. } => "unreachable",
             ConsulError::Forbidden { .. } => "forbidden",
             ConsulError::NotFound { .. } => "not_found",
+            ConsulError::TooManyRequests { .. } => "too_many_requests",
             ConsulError::Status { .. } => "status",
             ConsulError::Decode { .. } => "decode",
             ConsulError::Protocol { .. } => "protocol",
             ConsulError::TokenFile { .. } => "token_file",
             ConsulError::Setup(_) => "setup",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn too_many(body: &str) -> String {
+        ConsulError::TooManyRequests {
+            endpoint: "roots".into(),
+            body: body.into(),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_429_from_the_connection_limit_says_how_to_get_under_it() {
+        let msg = too_many(
+            "Your IP is issuing too many concurrent connections, please rate limit your calls",
+        );
+        assert!(msg.contains("limits.http_max_conns_per_client"), "{msg}");
+        assert!(msg.contains("HTTPS"), "{msg}");
+        let other = too_many("rate limit exceeded");
+        assert!(!other.contains("http_max_conns_per_client"), "{other}");
+        assert!(other.contains("429") && other.contains("rate limit exceeded"));
     }
 }

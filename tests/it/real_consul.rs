@@ -9,11 +9,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::consul::{BuiltinProxy, ConsulAgent, Mode, service_with_sidecar, upstream};
+use crate::support::consul::{
+    BuiltinProxy, ConsulAgent, Extras, Mode, service_with_sidecar, upstream,
+};
 use crate::support::open_echoing;
 use crate::support::pki::TestLeaf;
 use crate::support::{
-    DEADLINE, EchoServer, ProxyProcess, eventually, exchange, free_port, pattern, round_trip,
+    DEADLINE, EchoServer, ProxyProcess, admin_get, eventually, exchange, free_port, pattern,
+    round_trip,
 };
 
 /// web (upstream db) and db (in front of an echo server), registered on a real agent.
@@ -27,15 +30,27 @@ struct RealMesh {
 
 impl RealMesh {
     async fn start(mode: Mode) -> Option<Self> {
-        let agent = ConsulAgent::start(mode).await?;
+        Self::start_with(mode, Extras::default(), &[]).await
+    }
+
+    /// As [`RealMesh::start`], with agent extras and more upstreams for web (services with no
+    /// instances: their endpoint watches run, nothing answers).
+    async fn start_with(mode: Mode, extras: Extras, more_upstreams: &[&str]) -> Option<Self> {
+        let agent = ConsulAgent::start_with(mode, extras).await?;
         let echo = EchoServer::start().await;
         let (web_upstream, db_public, web_public) = (free_port(), free_port(), free_port());
+        let mut upstreams = vec![upstream("db", web_upstream)];
+        upstreams.extend(
+            more_upstreams
+                .iter()
+                .map(|name| upstream(name, free_port())),
+        );
         agent
             .register(service_with_sidecar(
                 "web",
                 free_port(),
                 web_public,
-                vec![upstream("db", web_upstream)],
+                upstreams,
             ))
             .await;
         agent
@@ -597,4 +612,84 @@ async fn an_upstream_added_to_the_registration_becomes_reachable_without_a_resta
     );
     web.wait_log("the proxy registration changed; reconciling")
         .await;
+}
+
+/// Over the agent's HTTPS port (client certificate required) all of a proxy's blocking queries
+/// share one HTTP/2 connection, so proxies with more watches than the agent's per-client
+/// connection limit get every one answered. Over HTTP/1.1 each long-poll holds a connection
+/// and those over the limit get 429 for as long as the others poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit() {
+    // web: roots, leaf, intentions, registration and 7 endpoint watches; db: 4 more.
+    const LIMIT: u32 = 8;
+    let extras = Extras {
+        https: true,
+        max_conns_per_client: Some(LIMIT),
+    };
+    let more = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    let Some(mesh) = RealMesh::start_with(Mode::Dev, extras, &more).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let https = mesh.agent.https.as_ref().unwrap();
+    let addr = format!("https://127.0.0.1:{}", https.port);
+    let tls = [
+        ("-ca-file", &https.ca_file),
+        ("-client-cert", &https.client_cert),
+        ("-client-key", &https.client_key),
+    ];
+    let mut proxies = Vec::new();
+    let mut admins = Vec::new();
+    for id in ["db-sidecar-proxy", "web-sidecar-proxy"] {
+        let admin = free_port();
+        let mut args = vec![
+            "-http-addr".to_owned(),
+            addr.clone(),
+            "-proxy-id".to_owned(),
+            id.to_owned(),
+            "-admin-addr".to_owned(),
+            format!("127.0.0.1:{admin}"),
+        ];
+        for (flag, path) in tls {
+            args.extend([flag.to_owned(), path.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        proxies.push(ProxyProcess::start(&args).await);
+        admins.push(admin);
+    }
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("bytes through web's db upstream", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"through").await.then_some(())
+    })
+    .await;
+
+    let web_watches = 4 + 1 + more.len();
+    assert!(
+        web_watches + 4 > LIMIT as usize,
+        "the test must exceed the limit"
+    );
+    for (admin, expected) in admins.into_iter().zip([4, web_watches]) {
+        eventually(
+            "every watch answered and none failing",
+            DEADLINE,
+            || async {
+                let status: serde_json::Value =
+                    serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
+                let watches = status["watches"].as_object()?;
+                let answered = watches
+                    .values()
+                    .filter(|w| w["failing"] == false && w["last_success_unix"].is_u64())
+                    .count();
+                (watches.len() >= expected && answered == watches.len()).then_some(())
+            },
+        )
+        .await;
+    }
+    for p in &proxies {
+        assert!(
+            !p.logs().contains("429"),
+            "no query was refused by the connection limit:\n{}",
+            p.logs()
+        );
+    }
 }

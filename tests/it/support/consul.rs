@@ -42,11 +42,30 @@ fn agent_slots() -> &'static std::sync::Arc<tokio::sync::Semaphore> {
     SLOTS.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_AGENTS)))
 }
 
+/// Agent settings beyond the mode, for the tests that need them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// Also serve the HTTP API over TLS, requiring a client certificate (see [`AgentHttps`]).
+    pub https: bool,
+    /// `limits { http_max_conns_per_client }`: concurrent connections per client address.
+    pub max_conns_per_client: Option<u32>,
+}
+
+/// The agent's HTTPS API: its port, and the files a client needs (a test CA, not Connect's).
+pub struct AgentHttps {
+    pub port: u16,
+    pub ca_file: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 pub struct ConsulAgent {
     _slot: tokio::sync::OwnedSemaphorePermit,
     child: Option<Child>,
     bin: PathBuf,
     mode: Mode,
+    extras: Extras,
+    pub https: Option<AgentHttps>,
     pub http_port: u16,
     ports: [u16; 3],
     dir: tempfile::TempDir,
@@ -78,6 +97,11 @@ impl ConsulAgent {
     /// Starts an agent, or returns `None` (after one explanatory line) when Consul is missing
     /// and not required.
     pub async fn start(mode: Mode) -> Option<Self> {
+        Self::start_with(mode, Extras::default()).await
+    }
+
+    /// As [`ConsulAgent::start`], with extra settings.
+    pub async fn start_with(mode: Mode, extras: Extras) -> Option<Self> {
         let Some(bin) = consul_bin() else {
             let required = std::env::var("CONSUL_PROXY_REQUIRE_CONSUL").is_ok_and(|v| v == "1");
             assert!(
@@ -96,11 +120,16 @@ impl ConsulAgent {
             child: None,
             bin,
             mode,
+            extras,
+            https: None,
             http_port: free_port(),
             ports: [free_port(), free_port(), free_port()],
             dir: tempfile::tempdir().unwrap(),
             http: reqwest::Client::new(),
         };
+        if extras.https {
+            agent.https = Some(write_https_files(agent.dir.path()));
+        }
         agent.write_config();
         agent.launch().await;
         Some(agent)
@@ -123,6 +152,23 @@ impl ConsulAgent {
         } else {
             ""
         };
+        let https_port = match &self.https {
+            Some(h) => format!(" https = {}", h.port),
+            None => String::new(),
+        };
+        let https = match &self.https {
+            Some(h) => format!(
+                r#"tls {{ https {{ ca_file = "{ca}" cert_file = "{cert}" key_file = "{key}" verify_incoming = true }} }}"#,
+                ca = h.ca_file.display(),
+                cert = self.dir.path().join("agent-https.pem").display(),
+                key = self.dir.path().join("agent-https-key.pem").display(),
+            ),
+            None => String::new(),
+        };
+        let limits = match self.extras.max_conns_per_client {
+            Some(n) => format!("limits {{ http_max_conns_per_client = {n} }}"),
+            None => String::new(),
+        };
         let hcl = format!(
             r#"
 bind_addr = "127.0.0.1"
@@ -131,9 +177,11 @@ advertise_addr = "127.0.0.1"
 data_dir = "{data}"
 node_name = "node-1"
 log_level = "debug"
-ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} serf_wan = {serf_wan} server = {server} }}
+ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} serf_wan = {serf_wan} server = {server}{https_port} }}
 {server_mode}
 {acl}
+{https}
+{limits}
 "#,
             data = self.dir.path().join("data").display(),
             http = self.http_port,
@@ -312,6 +360,39 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
             )
             .await;
         token["SecretID"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all written into `dir`.
+fn write_https_files(dir: &Path) -> AgentHttps {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let issue = |names: &[&str], file: &str| -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let (cert_file, key_file) = (
+            dir.join(format!("{file}.pem")),
+            dir.join(format!("{file}-key.pem")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file, key_file)
+    };
+    issue(&["127.0.0.1", "localhost"], "agent-https");
+    let (client_cert, client_key) = issue(&["consul-proxy-test-client"], "client");
+    let ca_file = dir.join("https-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    AgentHttps {
+        port: free_port(),
+        ca_file,
+        client_cert,
+        client_key,
     }
 }
 
