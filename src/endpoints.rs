@@ -47,16 +47,12 @@ impl Endpoint {
 impl Endpoints {
     /// Converts health entries. Entries that cannot be dialled or whose identity is unknown
     /// (terminating gateways, which need SNI) are left out.
+    ///
+    /// Check status is not looked at: the agent has already chosen (`?passing` for a service,
+    /// the query's own `OnlyPassing` and `IgnoreCheckIDs` for a prepared query, which keeps
+    /// `warning` instances by default).
     pub fn from_health(entries: &[api::CheckServiceNode]) -> Self {
-        let list = entries
-            .iter()
-            .filter(|e| {
-                e.checks
-                    .iter()
-                    .all(|c| c.status.is_empty() || c.status == "passing")
-            })
-            .filter_map(endpoint)
-            .collect();
+        let list = entries.iter().filter_map(endpoint).collect();
         Endpoints { list }
     }
 }
@@ -144,15 +140,24 @@ mod tests {
     }
 
     #[test]
-    fn gateways_unhealthy_and_portless_entries_are_skipped() {
-        let mut critical = entry("connect-proxy", "db", false, "", "10.0.0.1", 21000);
-        critical.checks[0].status = "critical".into();
+    fn gateways_and_portless_entries_are_skipped() {
         let eps = Endpoints::from_health(&[
             entry("terminating-gateway", "", false, "", "10.0.0.1", 8443),
             entry("connect-proxy", "db", false, "", "10.0.0.1", 0),
-            critical,
         ]);
         assert!(eps.list.is_empty());
+    }
+
+    #[test]
+    fn check_status_is_left_to_the_agent() {
+        // A prepared query without OnlyPassing returns `warning` instances, and may ignore
+        // failing checks by ID: what it returns is what it chose.
+        let mut warning = entry("connect-proxy", "db", false, "", "10.0.0.1", 21000);
+        warning.checks[0].status = "warning".into();
+        let mut ignored = entry("connect-proxy", "db", false, "", "10.0.0.2", 21000);
+        ignored.checks[0].status = "critical".into();
+        let eps = Endpoints::from_health(&[warning, ignored]);
+        assert_eq!(eps.list.len(), 2);
     }
 
     #[test]

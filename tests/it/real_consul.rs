@@ -693,3 +693,59 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
         );
     }
 }
+
+/// A prepared-query upstream against a real agent reaches what the query returns, including an
+/// instance whose check is `warning` (queries keep those unless `OnlyPassing`), while a service
+/// upstream to the same instance, asked with `?passing`, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_query_upstream_reaches_a_warning_instance_the_query_returns() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    let mut db = service_with_sidecar("db", mesh.echo.port, mesh.db_public, vec![]);
+    db["Connect"]["SidecarService"]["Checks"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"Name": "degraded", "TTL": "10m", "Status": "warning"}));
+    mesh.agent.register(db).await;
+    mesh.agent
+        .send(
+            reqwest::Method::POST,
+            "/v1/query",
+            Some(serde_json::json!({"Name": "db-query", "Service": {"Service": "db"}})),
+        )
+        .await;
+    let via_query = free_port();
+    let mut by_query = upstream("db-query", via_query);
+    by_query["DestinationType"] = "prepared_query".into();
+    mesh.agent
+        .register(service_with_sidecar(
+            "web",
+            free_port(),
+            mesh.web_public,
+            vec![upstream("db", mesh.web_upstream), by_query],
+        ))
+        .await;
+    mesh.agent.intention("web", "db", "allow").await;
+    let _db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    // Until db's sidecar listens its TCP check is critical, which every query leaves out.
+    eventually("the query returns db's sidecar", DEADLINE, || async {
+        let r = mesh
+            .agent
+            .get("/v1/query/db-query/execute?connect=true")
+            .await;
+        (r["Nodes"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let _web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    eventually(
+        "bytes through the prepared-query upstream",
+        DEADLINE,
+        || async { echoes(via_query, b"via query").await.then_some(()) },
+    )
+    .await;
+    assert!(
+        !echoes(mesh.web_upstream, b"via health").await,
+        "the service upstream asks for passing instances only"
+    );
+}
