@@ -50,6 +50,9 @@ pub enum SpiffeError {
         /// The URI as presented.
         uri: String,
     },
+    /// The trust domain holds a character a DNS-style name cannot (a port, userinfo, ...).
+    #[error("spiffe URI with a malformed trust domain: {0:?}")]
+    BadTrustDomain(String),
     /// The path does not follow any Consul layout.
     #[error("unrecognised Consul SPIFFE path: {0:?}")]
     BadPath(String),
@@ -90,6 +93,15 @@ impl SpiffeId {
         };
         if host.is_empty() {
             return Err(SpiffeError::NoTrustDomain(uri.to_owned()));
+        }
+        // Anything a URL parser would read as port, userinfo, query or fragment is refused
+        // rather than folded into a name: Consul (Go's url.Parse) would read those URIs
+        // differently, and an identity two readers disagree on must not be authorized.
+        if !host.bytes().all(is_trust_domain_byte) {
+            return Err(SpiffeError::BadTrustDomain(uri.to_owned()));
+        }
+        if !path.bytes().all(|b| b == b'/' || is_segment_byte(b)) {
+            return Err(SpiffeError::BadPath(uri.to_owned()));
         }
         let not_service = |kind| SpiffeError::NotService {
             kind,
@@ -184,6 +196,16 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
+/// Letters, digits, `.`, `-` and `_`: what a trust domain is made of.
+fn is_trust_domain_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b".-_".contains(&b)
+}
+
+/// What may appear in a path segment (RFC 3986 `pchar`, with `%` for escapes).
+fn is_segment_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b)
+}
+
 /// Decodes `%XX` escapes in one path segment; `None` on a malformed escape or non-UTF-8 result.
 fn percent_decode(segment: &str) -> Option<String> {
     if !segment.contains('%') {
@@ -195,6 +217,9 @@ fn percent_decode(segment: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = segment.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -301,6 +326,15 @@ mod tests {
             "spiffe://td.consul/ns/default/svc/web",
             "spiffe://td.consul/ap/x/agent/server/dc/dc1",
             "",
+            // What Go's url.Parse would read as query, fragment, port or userinfo.
+            "spiffe://td.consul/ns/default/dc/dc1/svc/web?x=1",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/web#f",
+            "spiffe://td.consul:8500/ns/default/dc/dc1/svc/web",
+            "spiffe://user@td.consul/ns/default/dc/dc1/svc/web",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/we b",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/wéb",
+            // An escape needs two hex digits; a sign is not one.
+            "spiffe://td.consul/ns/default/dc/dc1/svc/w%+5",
         ] {
             assert!(SpiffeId::parse(uri).is_err(), "{uri} should not parse");
         }
