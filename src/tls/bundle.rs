@@ -1,7 +1,9 @@
 //! The trust bundle: every Connect CA root (active or not) as a trust anchor, plus the
 //! intermediates Consul lists, parsed once per roots change.
 
-use rustls::pki_types::{CertificateDer, TrustAnchor};
+use std::borrow::Cow;
+
+use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
 
 use crate::consul::api;
 
@@ -12,6 +14,8 @@ pub struct TrustBundle {
     /// Trust domains of roots kept after a trust-domain change.
     previous_trust_domains: Vec<String>,
     anchors: Vec<TrustAnchor<'static>>,
+    /// Each anchor's root validity period (webpki does not check an anchor's dates).
+    periods: Vec<Period>,
     intermediates: Vec<CertificateDer<'static>>,
     root_ids: Vec<String>,
 }
@@ -25,18 +29,21 @@ impl TrustBundle {
         }
         let mut warnings = Vec::new();
         let mut anchors = Vec::new();
+        let mut periods = Vec::new();
         let mut intermediates = Vec::new();
         let mut root_ids = Vec::new();
         let mut previous_trust_domains = Vec::new();
         for root in &roots.roots {
             let anchor = first_cert(&root.root_cert).and_then(|der| {
-                webpki::anchor_from_trusted_cert(&der)
+                let anchor = webpki::anchor_from_trusted_cert(&der)
                     .map(|a| a.to_owned())
-                    .map_err(|e| format!("not a usable trust anchor: {e}"))
+                    .map_err(|e| format!("not a usable trust anchor: {e}"))?;
+                Ok((anchor, Period::of(&der)?))
             });
             match anchor {
-                Ok(a) => {
+                Ok((a, period)) => {
                     anchors.push(a);
+                    periods.push(period);
                     root_ids.push(root.id.clone());
                 }
                 Err(e) => {
@@ -75,6 +82,7 @@ impl TrustBundle {
                 trust_domain: roots.trust_domain.to_ascii_lowercase(),
                 previous_trust_domains,
                 anchors,
+                periods,
                 intermediates,
                 root_ids,
             },
@@ -96,9 +104,34 @@ impl TrustBundle {
                 .any(|d| d.eq_ignore_ascii_case(domain))
     }
 
-    /// The trust anchors.
-    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
-        &self.anchors
+    /// The trust anchors whose root certificate is within its validity period at `now`: a
+    /// root that has expired (or is not valid yet) anchors nothing, as in Go's and Envoy's
+    /// verifiers.
+    pub fn anchors_at(&self, now: UnixTime) -> Cow<'_, [TrustAnchor<'static>]> {
+        let now = now.as_secs();
+        if self.periods.iter().all(|p| p.contains(now)) {
+            return Cow::Borrowed(&self.anchors);
+        }
+        Cow::Owned(
+            self.anchors
+                .iter()
+                .zip(&self.periods)
+                .filter(|(_, p)| p.contains(now))
+                .map(|(a, _)| a.clone())
+                .collect(),
+        )
+    }
+
+    /// How long from `now` until some root enters or leaves its validity period, i.e. until
+    /// [`TrustBundle::anchors_at`] next changes; `None` if it never will.
+    pub fn next_period_change(&self, now: UnixTime) -> Option<std::time::Duration> {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        self.periods
+            .iter()
+            .flat_map(|p| [p.not_before, p.not_after.saturating_add(1)])
+            .filter(|&t| t > now)
+            .min()
+            .map(|t| std::time::Duration::from_secs(t.abs_diff(now)))
     }
 
     /// Extra intermediates offered to chain building.
@@ -114,6 +147,31 @@ impl TrustBundle {
     /// The IDs of the roots in use, for logs.
     pub fn root_ids(&self) -> &[String] {
         &self.root_ids
+    }
+}
+
+/// A certificate's validity period, in Unix seconds (inclusive at both ends, as RFC 5280).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Period {
+    not_before: i64,
+    not_after: i64,
+}
+
+impl Period {
+    fn of(der: &CertificateDer<'_>) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der.as_ref())
+            .map_err(|e| format!("cannot read its validity period: {e}"))?;
+        let validity = cert.validity();
+        Ok(Period {
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+        })
+    }
+
+    fn contains(&self, now: u64) -> bool {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        self.not_before <= now && now <= self.not_after
     }
 }
 

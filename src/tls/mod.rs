@@ -11,6 +11,7 @@ mod verify;
 use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::UnixTime;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +158,9 @@ impl rustls::client::ResolvesClientCert for SingleCert {
     }
 }
 
-/// Spawns the task that rebuilds [`TlsConfigs`] whenever the roots or the leaf change.
+/// Spawns the task that rebuilds [`TlsConfigs`] whenever the roots or the leaf change, and
+/// when a root enters or leaves its validity period: the rebuild starts a new ticket key, so
+/// that a session issued under a root that has since expired cannot resume.
 pub fn spawn_builder(
     mut roots: Subscriber<TrustBundle>,
     mut leaf: Subscriber<Leaf>,
@@ -171,6 +174,10 @@ pub fn spawn_builder(
                 roots.borrow_and_update().clone(),
                 leaf.borrow_and_update().clone(),
             );
+            let period_change = pair
+                .0
+                .as_ref()
+                .and_then(|b| b.next_period_change(UnixTime::now()));
             if let (Some(bundle), Some(leaf)) = pair {
                 match TlsConfigs::build(bundle.clone(), leaf.clone(), resumption) {
                     Ok(configs) => {
@@ -192,6 +199,9 @@ pub fn spawn_builder(
                 _ = tx.closed() => return,
                 r = roots.changed() => if r.is_err() { return },
                 r = leaf.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(period_change.unwrap_or_default()), if period_change.is_some() => {
+                    tracing::info!("a CA root entered or left its validity period; rebuilding the TLS configuration");
+                }
             }
         }
     });

@@ -37,7 +37,7 @@ fn verify_chain(
     };
     cert.verify_for_usage(
         provider.signature_verification_algorithms.all,
-        bundle.anchors(),
+        &bundle.anchors_at(now),
         intermediates,
         now,
         usage,
@@ -304,6 +304,66 @@ mod tests {
         params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// A CA valid over the given years and a current leaf it signed, as a bundle and a leaf.
+    fn root_and_leaf(years: (i32, i32)) -> (TrustBundle, CertificateDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        ca.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(2999, 1, 1);
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = leaf.signed_by(&KeyPair::generate().unwrap(), &ca).unwrap();
+        let roots = crate::consul::api::CaRoots {
+            trust_domain: "td.consul".into(),
+            roots: vec![crate::consul::api::CaRoot {
+                id: "r".into(),
+                root_cert: ca.pem(),
+                active: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        (TrustBundle::from_api(&roots).unwrap().0, leaf.der().clone())
+    }
+
+    #[test]
+    fn a_root_outside_its_validity_period_anchors_nothing() {
+        let now = UnixTime::now();
+        for (years, ok) in [
+            ((2020, 2999), true),
+            ((2020, 2021), false),
+            ((2998, 2999), false),
+        ] {
+            let (bundle, leaf) = root_and_leaf(years);
+            let result = verify_peer_chain(&bundle, &leaf, &[], now, PeerRole::Client);
+            assert_eq!(result.is_ok(), ok, "root valid {years:?}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn the_next_root_period_change_is_the_nearest_boundary_ahead() {
+        let now = UnixTime::now();
+        let year_secs = |y: u64| (y - 1970) * 31_556_952;
+        let (current, _) = root_and_leaf((2020, 2999));
+        let until_2999 = current.next_period_change(now).unwrap().as_secs() + now.as_secs();
+        assert!(
+            until_2999.abs_diff(year_secs(2999)) < 3 * 86_400,
+            "{until_2999}"
+        );
+        let (future, _) = root_and_leaf((2998, 2999));
+        let until_2998 = future.next_period_change(now).unwrap().as_secs() + now.as_secs();
+        assert!(
+            until_2998.abs_diff(year_secs(2998)) < 3 * 86_400,
+            "{until_2998}"
+        );
+        let (expired, _) = root_and_leaf((2020, 2021));
+        assert_eq!(expired.next_period_change(now), None);
     }
 
     #[test]
