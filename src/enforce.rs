@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authorizer::Authorizer;
+use crate::authz::Reason;
 use crate::conns::{Registry, Side};
 use crate::consul::watch::Subscriber;
 use crate::metrics::Metrics;
@@ -124,15 +125,27 @@ impl Enforcer {
     }
 
     /// Closes every live connection the current intentions and default would refuse.
+    ///
+    /// When only the agent knows the default, it is asked for the first connection that needs
+    /// it; an answer teaches the default to the rest. If it cannot answer, the rest are decided
+    /// from the cache (denied, as nothing is known) rather than each waiting on the agent in
+    /// turn, which would hold up every other event of this loop.
     async fn reauthorize(&self, why: &str) {
         let conns = self.inbound.snapshot();
         let mut closed = 0usize;
+        let mut agent_failed = false;
         for conn in &conns {
             let peer = PeerIdentity {
                 id: conn.peer.clone(),
                 serial: conn.serial.clone(),
             };
-            let decision = self.authorizer.authorize(&peer).await;
+            let decision = if agent_failed {
+                self.authorizer.decide_cached(&peer.id)
+            } else {
+                self.authorizer.authorize(&peer).await
+            };
+            // `authorize` hands back the cached "default unknown" only when the agent failed.
+            agent_failed |= decision.reason == Reason::DefaultUnknown;
             if decision.is_allow() {
                 continue;
             }

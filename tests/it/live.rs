@@ -1051,3 +1051,37 @@ async fn the_inbound_connection_rate_limit_refuses_a_flood() {
     )
     .await;
 }
+
+/// While only the agent knows the default and it cannot answer, a re-check asks it once per
+/// pass rather than once per connection (each call can take the request timeout, and the pass
+/// holds up every other event). The connections that now match no intention are all closed:
+/// with nothing known, they are denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recheck_asks_a_failing_agent_about_the_default_once_per_pass() {
+    const AUTHORIZE: &str = "POST /v1/agent/connect/authorize";
+    let mesh = Mesh::new().await;
+    mesh.agent.set_path_fault(
+        AUTHORIZE,
+        crate::support::fake_agent::Fault::Status(500, "boom".into()),
+    );
+    let callers = ["c1", "c2", "c3", "c4"];
+    let allow_all = callers
+        .iter()
+        .map(|c| intention_json(c, "db", "allow", 9))
+        .collect();
+    mesh.agent.set_intentions("db", allow_all);
+    let db = mesh.start_db().await;
+    let mut live = Vec::new();
+    for c in callers {
+        live.push(Live::open(mesh.db_public, &mesh.ca.leaf(c, "dc1")).await);
+    }
+    let before = mesh.agent.count(AUTHORIZE);
+    mesh.agent
+        .set_intentions("db", vec![intention_json("other", "db", "deny", 9)]);
+    for l in &mut live {
+        l.wait_closed().await;
+    }
+    let asked = mesh.agent.count(AUTHORIZE) - before;
+    // One default probe for the new intentions, one question from the re-check.
+    assert!(asked <= 2, "asked the agent {asked} times:\n{}", db.logs());
+}
