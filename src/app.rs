@@ -234,9 +234,11 @@ async fn start(
     };
     // Without a first value there is nothing to serve "fail static" from: an ACL refusal
     // before then is fatal, as it is for the registration itself (retrying cannot fix it).
+    // Except for an upstream's endpoints: its listener refuses connections (logged, and shown
+    // on the admin endpoint) while the rest serves, and it recovers when the policy is fixed.
     tokio::select! {
         () = inputs => {}
-        (watch, error) = settings.health.first_forbidden() => {
+        (watch, error) = settings.health.first_forbidden(&watchers::ESSENTIAL) => {
             return Err(AppError::WatchForbidden { watch, error });
         }
     }

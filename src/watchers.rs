@@ -14,6 +14,17 @@ use crate::endpoints::Endpoints;
 use crate::proxy_config::{Defaults, Destination, ProxyConfig, UpstreamSpec};
 use crate::tls::{Leaf, TrustBundle};
 
+/// Watch names, as logs and the admin endpoint show them.
+const ROOTS: &str = "roots";
+const LEAF: &str = "leaf";
+const INTENTIONS: &str = "intentions";
+const PROXY_CONFIG: &str = "proxy-config";
+
+/// The watches the proxy cannot serve without: a 403 on one of them before its first value
+/// stops start-up. (An upstream's endpoints are not among them: the other upstreams and the
+/// public listener serve meanwhile.)
+pub const ESSENTIAL: [&str; 4] = [ROOTS, LEAF, INTENTIONS, PROXY_CONFIG];
+
 /// How often prepared queries (which cannot block) are re-executed.
 pub const PREPARED_QUERY_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -41,7 +52,7 @@ pub fn spawn_roots(
 ) -> Subscriber<TrustBundle> {
     let (tx, rx) = channel(None);
     tokio::spawn(async move {
-        watch::run("roots", &settings, tx, cancel, |index: Index| {
+        watch::run(ROOTS, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
             let q = blocking(index, &settings);
             async move {
@@ -69,7 +80,7 @@ pub fn spawn_leaf(
 ) -> Subscriber<Leaf> {
     let (tx, rx) = channel(None);
     tokio::spawn(async move {
-        watch::run("leaf", &settings, tx, cancel, |index: Index| {
+        watch::run(LEAF, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
             let service = service.clone();
             let q = blocking(index, &settings);
@@ -92,7 +103,7 @@ pub fn spawn_intentions(
 ) -> Subscriber<Intentions> {
     let (tx, rx) = channel(None);
     tokio::spawn(async move {
-        watch::run("intentions", &settings, tx, cancel, |index: Index| {
+        watch::run(INTENTIONS, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
             let service = service.clone();
             let q = blocking(index, &settings);

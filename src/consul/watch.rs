@@ -102,13 +102,14 @@ impl WatchHealth {
             .collect()
     }
 
-    /// Resolves with `(watch, error)` as soon as a watch is refused by the agent's ACLs (403),
-    /// now or later.
-    pub async fn first_forbidden(&self) -> (String, String) {
+    /// Resolves with `(watch, error)` as soon as one of the watches named `among` is refused
+    /// by the agent's ACLs (403), now or later.
+    pub async fn first_forbidden(&self, among: &[&str]) -> (String, String) {
         let mut failures = self.failures.subscribe();
         loop {
             let forbidden = self.snapshot().into_iter().find_map(|(name, s)| {
-                (s.failure == Some("forbidden")).then(|| (name, s.error.unwrap_or_default()))
+                (s.failure == Some("forbidden") && among.contains(&name.as_str()))
+                    .then(|| (name, s.error.unwrap_or_default()))
             });
             if let Some(found) = forbidden {
                 return found;

@@ -149,6 +149,29 @@ async fn a_403_on_the_leaf_before_the_first_certificate_exits_1() {
     .await;
 }
 
+/// A 403 on one upstream's endpoints is not fatal at start-up, unlike one on the roots, leaf,
+/// intentions or registration: that upstream refuses connections and says why, the rest of
+/// the proxy serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_on_an_upstreams_endpoints_does_not_stop_start_up() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_path_fault(
+        "GET /v1/health/connect/db",
+        Fault::Status(
+            403,
+            "Permission denied: token with AccessorID 'x' lacks permission 'service:read' on \"db\"".into(),
+        ),
+    );
+    // Returns once the proxy reports ready (listeners bound, certificates loaded).
+    let mut web = mesh.start_web().await;
+    web.wait_log("the token likely lacks service:read").await;
+    assert!(
+        crate::support::closed_without_data(mesh.web_upstream).await,
+        "the upstream without endpoints refuses"
+    );
+    assert!(web.is_running(), "{}", web.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_that_cannot_be_honoured_exits_1() {
     let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": "soon"})).await;
