@@ -75,17 +75,20 @@ impl AgentAddr {
         if authority.is_empty() {
             return Err(bad("missing host"));
         }
+        let scheme = if force_https { Scheme::Https } else { scheme };
+        // Without a port, the scheme's (80, 443), as Consul's own CLI and API client dial:
+        // the same CONSUL_HTTP_ADDR reaches the same place.
         let authority = if has_port(authority) {
             authority.to_owned()
         } else {
             let default_port = match scheme {
-                Scheme::Https => 8501,
-                Scheme::Http => 8500,
+                Scheme::Https => 443,
+                Scheme::Http => 80,
             };
             format!("{authority}:{default_port}")
         };
         Ok(AgentAddr {
-            scheme: if force_https { Scheme::Https } else { scheme },
+            scheme,
             transport: Transport::Tcp(authority),
             path_prefix: prefix.to_owned(),
         })
@@ -210,9 +213,24 @@ mod tests {
 
         let a = AgentAddr::parse("http://[::1]:8500", false).unwrap();
         assert_eq!(a.transport, tcp("[::1]:8500"));
+    }
 
-        let a = AgentAddr::parse("http://localhost", false).unwrap();
-        assert_eq!(a.transport, tcp("localhost:8500"));
+    #[test]
+    fn without_a_port_the_schemes_port_is_dialled_as_by_consuls_cli() {
+        for (raw, force_https, expected) in [
+            ("http://localhost", false, "localhost:80"),
+            ("127.0.0.1", false, "127.0.0.1:80"),
+            ("https://127.0.0.1/prefix", false, "127.0.0.1:443"),
+            ("127.0.0.1", true, "127.0.0.1:443"),
+            ("[::1]", false, "[::1]:80"),
+        ] {
+            let a = AgentAddr::parse(raw, force_https).unwrap();
+            assert_eq!(
+                a.transport,
+                tcp(expected),
+                "{raw} (https forced: {force_https})"
+            );
+        }
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl ConsulClient {
                         })?
                         .collect();
                     builder = builder.resolve_to_addrs(name, &addrs);
-                    let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("8501");
+                    let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("443");
                     format!("{name}:{port}")
                 }
                 None => authority.clone(),
