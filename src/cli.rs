@@ -19,6 +19,8 @@ Environment variables (flags win over them):
   CONSUL_TLS_SERVER_NAME   server name to verify the agent's certificate against
   CONSUL_HTTP_SSL          true: use HTTPS to the agent
   CONSUL_HTTP_SSL_VERIFY   false: do not verify the agent's certificate (tests only)
+  CONNECT_PROXY_ID         -proxy-id, when neither -proxy-id nor -sidecar-for is given
+  CONNECT_SIDECAR_FOR      -sidecar-for, likewise (CONNECT_PROXY_ID wins if both are set)
 
 Token precedence: -token-file, -token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN.";
 
@@ -29,7 +31,9 @@ Token precedence: -token-file, -token, CONSUL_HTTP_TOKEN_FILE, CONSUL_HTTP_TOKEN
     version,
     about = "L4 sidecar proxy for the Consul service mesh (Connect)",
     after_help = ENV_HELP,
-    group(clap::ArgGroup::new("target").required(true).args(["proxy_id", "sidecar_for"])),
+    // One of the two is required, from a flag or else from CONNECT_PROXY_ID /
+    // CONNECT_SIDECAR_FOR: checked in `Config`, where flags beat the environment.
+    group(clap::ArgGroup::new("target").args(["proxy_id", "sidecar_for"])),
 )]
 pub struct Args {
     /// ID of the connect-proxy service registration to run as.

@@ -17,7 +17,9 @@ fn main() -> ExitCode {
     let config = match Config::from_args(args, &|name| std::env::var(name).ok()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("consul-proxy: {e}");
+            eprintln!(
+                "consul-proxy: {e}\n\nUsage: consul-proxy -proxy-id ID | -sidecar-for SERVICE_ID [flags] (see -help)"
+            );
             return ExitCode::from(2);
         }
     };

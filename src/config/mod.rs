@@ -88,13 +88,27 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        // As Consul's built-in proxy: the flags, else CONNECT_PROXY_ID, else
+        // CONNECT_SIDECAR_FOR (a flag of either kind overrides both variables).
         let target = match (args.proxy_id, args.sidecar_for) {
             (Some(id), None) => Target::ProxyId(non_empty("proxy-id", id)?),
             (None, Some(id)) => Target::SidecarFor(non_empty("sidecar-for", id)?),
-            _ => {
+            (None, None) => match (env("CONNECT_PROXY_ID"), env("CONNECT_SIDECAR_FOR")) {
+                (Some(id), _) => Target::ProxyId(id),
+                (None, Some(id)) => Target::SidecarFor(id),
+                (None, None) => {
+                    return Err(ConfigError::Flag {
+                        flag: "proxy-id",
+                        reason: "one of -proxy-id and -sidecar-for is required \
+                                 (or CONNECT_PROXY_ID / CONNECT_SIDECAR_FOR)"
+                            .into(),
+                    });
+                }
+            },
+            (Some(_), Some(_)) => {
                 return Err(ConfigError::Flag {
                     flag: "proxy-id",
-                    reason: "exactly one of -proxy-id and -sidecar-for is required".into(),
+                    reason: "give -proxy-id or -sidecar-for, not both".into(),
                 });
             }
         };
@@ -381,6 +395,25 @@ mod tests {
             c.agent.tls.client_cert,
             Some(("/c.pem".into(), "/k.pem".into()))
         );
+    }
+
+    #[test]
+    fn the_target_comes_from_a_flag_else_from_connects_variables() {
+        let both = [("CONNECT_PROXY_ID", "p"), ("CONNECT_SIDECAR_FOR", "s")];
+        let target = |args: &[&str], env: &[(&str, &str)]| build(args, env).unwrap().target;
+        assert_eq!(target(&[], &both), Target::ProxyId("p".into()));
+        assert_eq!(target(&[], &both[1..]), Target::SidecarFor("s".into()));
+        assert_eq!(
+            target(&["-sidecar-for", "web"], &both),
+            Target::SidecarFor("web".into()),
+            "a flag beats both variables"
+        );
+        assert_eq!(
+            target(&["-proxy-id", "x"], &both[1..]),
+            Target::ProxyId("x".into())
+        );
+        let err = build(&[], &[("CONNECT_PROXY_ID", "")]).unwrap_err();
+        assert!(err.to_string().contains("CONNECT_PROXY_ID"), "{err}");
     }
 
     #[test]
