@@ -20,7 +20,7 @@ use crate::consul::{ConsulClient, ConsulError};
 use crate::discovery::{SidecarError, select_sidecar};
 use crate::enforce::Enforcer;
 use crate::metrics::Metrics;
-use crate::proxy_config::{BindAddr, ProxyConfig};
+use crate::proxy_config::{self, BindAddr, ProxyConfig};
 use crate::reconcile::{Listeners, Outcome, Shared};
 use crate::{notify, watchers};
 
@@ -137,13 +137,19 @@ async fn start(
         }
     };
     let wait = tuning.watch.wait;
-    let (svc, hash) =
+    let (mut svc, hash) =
         retry_while_unavailable(client, || client.agent_service(&proxy_id, None, wait))
             .await
             .map_err(|e| match e {
                 ConsulError::NotFound { .. } => AppError::UnknownProxy(proxy_id.clone()),
                 other => AppError::Consul(other),
             })?;
+    let resolved = proxy_config::resolve_listener_hosts(&mut svc)
+        .await
+        .map_err(AppError::Registration)?;
+    for note in &resolved {
+        tracing::info!(%note, "proxy configuration");
+    }
     let converted =
         ProxyConfig::from_api(&svc, &config.defaults).map_err(AppError::Registration)?;
     let _ = admin.service.set(converted.config.service.clone());

@@ -11,7 +11,7 @@ use crate::authz::Intentions;
 use crate::consul::watch::{self, Hash, Index, Subscriber, WatchSettings};
 use crate::consul::{Blocking, ConsulClient};
 use crate::endpoints::Endpoints;
-use crate::proxy_config::{Defaults, Destination, ProxyConfig, UpstreamSpec};
+use crate::proxy_config::{self, Defaults, Destination, ProxyConfig, UpstreamSpec};
 use crate::tls::{Leaf, TrustBundle};
 
 /// Watch names, as logs and the admin endpoint show them.
@@ -144,10 +144,16 @@ pub fn spawn_proxy_config(
                 let wait = settings.wait;
                 let running = &running;
                 async move {
-                    let (svc, hash) = client
+                    let (mut svc, hash) = client
                         .agent_service(&proxy_id, hash.as_deref(), wait)
                         .await?;
-                    let converted = ProxyConfig::from_api(&svc, &defaults)
+                    let resolved = proxy_config::resolve_listener_hosts(&mut svc).await;
+                    let converted = resolved
+                        .and_then(|resolved| {
+                            let mut c = ProxyConfig::from_api(&svc, &defaults)?;
+                            c.notes.splice(0..0, resolved);
+                            Ok(c)
+                        })
                         .and_then(|c| running.can_become(&c.config).map(|()| c))
                         .map(|c| {
                             for note in c.notes {
