@@ -152,6 +152,7 @@ fn status_json(state: &AdminState) -> String {
                 serde_json::json!({
                     "id": c.id,
                     peer: c.peer.to_string(),
+                    "serial": c.serial,
                     "started_unix": c.started.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     "bytes_in": from_peer.load(Ordering::Relaxed),
                     "bytes_out": to_peer.load(Ordering::Relaxed),

@@ -3,7 +3,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::support::mesh::Mesh;
 use crate::support::pki::TestCa;
 use crate::support::tls_client::{self, serial_of, server_cert};
-use crate::support::{DEADLINE, eventually};
+use crate::support::{DEADLINE, admin_get, eventually, free_port, open_echoing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_leaf_is_used_by_new_handshakes_and_open_connections_survive() {
@@ -82,4 +82,47 @@ async fn a_new_root_is_trusted_and_a_removed_one_is_not() {
         async move { echoes(c).await.is_none().then_some(()) }
     })
     .await;
+}
+
+/// The outbound side presents a rotated leaf too (and does not resume a session made with the
+/// old one): after web's leaf changes, a new connection through web's upstream reaches db with
+/// the new certificate, as db's admin endpoint shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_upstream_connections_present_the_rotated_leaf() {
+    let mesh = Mesh::new().await;
+    let admin = free_port();
+    let _db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    let _web = mesh.start_web().await;
+    let caller_serials = || async {
+        let status: serde_json::Value =
+            serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
+        status["inbound"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["serial"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before = open_echoing(mesh.web_upstream).await;
+    let old_serials = caller_serials().await;
+    assert_eq!(old_serials.len(), 1, "{old_serials:?}");
+
+    let new_leaf = mesh.ca.leaf("web", "dc1");
+    assert!(!old_serials.contains(&new_leaf.serial));
+    mesh.agent.set_leaf("web", &new_leaf);
+    eventually(
+        "an upstream connection presents the new leaf",
+        DEADLINE,
+        || async {
+            let _open = open_echoing(mesh.web_upstream).await;
+            caller_serials()
+                .await
+                .contains(&new_leaf.serial)
+                .then_some(())
+        },
+    )
+    .await;
+    drop(before);
 }
