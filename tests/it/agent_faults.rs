@@ -200,6 +200,14 @@ async fn the_token_is_sent_as_a_header_and_never_logged() {
         "trace",
     ])
     .await;
+    let tokens = mesh.agent.tokens();
+    assert!(!tokens.is_empty());
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.as_deref() == Some("file-token-0123456789")),
+        "every request carries the file's token (trimmed) in X-Consul-Token: {tokens:?}"
+    );
     assert!(!p.logs().contains("file-token-0123456789"));
 }
 

@@ -46,6 +46,8 @@ struct Data {
     fault: Option<Fault>,
     path_faults: Vec<(String, Fault)>,
     requests: Vec<String>,
+    /// The `X-Consul-Token` header of every request, `None` where there was none.
+    tokens: Vec<Option<String>>,
 }
 
 struct Shared {
@@ -248,6 +250,11 @@ impl FakeAgent {
         self.shared.data.lock().unwrap().requests.clone()
     }
 
+    /// The `X-Consul-Token` header of every request so far (`None`: no header).
+    pub fn tokens(&self) -> Vec<Option<String>> {
+        self.shared.data.lock().unwrap().tokens.clone()
+    }
+
     /// Count of requests whose path starts with `prefix`.
     pub fn count(&self, prefix: &str) -> usize {
         self.requests()
@@ -343,7 +350,24 @@ fn router(shared: Shared_) -> Router {
         .route("/v1/health/connect/{service}", get(health_connect))
         .route("/v1/query/{name}/execute", get(query_execute))
         .route("/v1/agent/connect/authorize", post(authorize))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            record_token,
+        ))
         .with_state(shared)
+}
+
+async fn record_token(
+    State(s): State<Shared_>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = request
+        .headers()
+        .get("X-Consul-Token")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    s.data.lock().unwrap().tokens.push(token);
+    next.run(request).await
 }
 
 fn parse_wait(q: &HashMap<String, String>) -> Duration {
