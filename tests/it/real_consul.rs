@@ -764,3 +764,112 @@ async fn a_prepared_query_upstream_reaches_a_warning_instance_the_query_returns(
         "the service upstream asks for passing instances only"
     );
 }
+
+/// One exchange over mTLS with db's public port, presenting `leaf` (or no certificate).
+async fn tls_echoes(port: u16, leaf: Option<&TestLeaf>) -> bool {
+    let Ok(mut s) = crate::support::tls_client::connect(port, leaf).await else {
+        return false;
+    };
+    if s.write_all(b"hello").await.is_err() {
+        return false;
+    }
+    let mut back = [0u8; 5];
+    matches!(
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && &back == b"hello"
+}
+
+/// With the real agent's roots: a caller with an agent-issued leaf gets through, one with no
+/// certificate or with a certificate from another CA (naming the same identity in the same
+/// trust domain) does not, and none of those reach the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_inbound_admits_only_chains_to_the_real_agents_roots() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("*", "db", "allow").await;
+    let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    let issued = mesh.agent_leaf("web").await;
+    eventually("an agent-issued caller gets through", DEADLINE, || async {
+        tls_echoes(mesh.db_public, Some(&issued))
+            .await
+            .then_some(())
+    })
+    .await;
+    let served = mesh.echo.accepted();
+
+    assert!(!tls_echoes(mesh.db_public, None).await, "no certificate");
+    let roots = mesh.agent.get("/v1/agent/connect/ca/roots").await;
+    let trust_domain = roots["TrustDomain"].as_str().unwrap();
+    let cluster = trust_domain.strip_suffix(".consul").unwrap();
+    let rogue = crate::support::pki::TestCa::new(cluster);
+    let forged = rogue.leaf("web", "dc1");
+    assert_eq!(forged.uri, issued.uri, "the same identity, from another CA");
+    assert!(
+        !tls_echoes(mesh.db_public, Some(&forged)).await,
+        "foreign CA"
+    );
+    db.wait_log("UnknownIssuer").await;
+    assert_eq!(
+        mesh.echo.accepted(),
+        served,
+        "refused callers never reach the app"
+    );
+}
+
+/// An endpoint registered as db's sidecar that presents a certificate the real agent issued,
+/// but for another service: our upstream finishes the handshake, sees the wrong identity and
+/// closes before sending a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_upstream_refuses_a_server_with_another_services_real_certificate() {
+    let Some(mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let impostor =
+        crate::support::tls_client::TlsEchoServer::start(&mesh.agent_leaf("api").await).await;
+    mesh.agent
+        .register(service_with_sidecar(
+            "db",
+            mesh.echo.port,
+            impostor.port,
+            vec![],
+        ))
+        .await;
+    let web = mesh.proxy("-proxy-id", "web-sidecar-proxy", None).await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("web checks the impostor's identity", DEADLINE, || async {
+        assert!(
+            !echoes(mesh.web_upstream, b"secret").await,
+            "bytes went through an impostor"
+        );
+        web.logs()
+            .contains("upstream identity check failed")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        impostor
+            .handshakes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert_eq!(
+        impostor
+            .bytes_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing was sent to the impostor"
+    );
+    let log = web.logs();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream identity check failed"))
+        .unwrap();
+    assert!(
+        line.contains("svc/api") && line.contains("svc/db"),
+        "{line}"
+    );
+}
