@@ -873,3 +873,63 @@ async fn our_upstream_refuses_a_server_with_another_services_real_certificate() 
         "{line}"
     );
 }
+
+/// Token rotation through the token file: the proxy's token is deleted in Consul and the file
+/// now holds a new one. The agent answers `ACL not found`; the proxy reads the file again and
+/// carries on, so later intention changes still apply (a deny closing a live connection, then
+/// an allow), with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_replaced_in_the_token_file_is_picked_up_on_acl_not_found() {
+    let Some(mesh) = RealMesh::start(Mode::DevAcl).await else {
+        return;
+    };
+    // The policy (with a token left unused), then the token the proxy starts with.
+    mesh.agent
+        .token_with_rules("db-proxy", &proxy_policy("db", &[]))
+        .await;
+    let (accessor, first) = mesh.agent.token_for("db-proxy").await;
+    let web_token = mesh
+        .agent
+        .token_with_rules("web-proxy", &proxy_policy("web", &["db"]))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &first).unwrap();
+    let mut args = mesh.proxy_args("-proxy-id", "db-sidecar-proxy", None);
+    args.extend(["-token-file".to_owned(), token_file.display().to_string()]);
+    let db = ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let _web = mesh
+        .proxy("-proxy-id", "web-sidecar-proxy", Some(&web_token))
+        .await;
+    mesh.agent.intention("web", "db", "allow").await;
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("web reaches db", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"up").await.then_some(())
+    })
+    .await;
+    let mut live = open_echoing(mesh.web_upstream).await;
+
+    let (_, second) = mesh.agent.token_for("db-proxy").await;
+    std::fs::write(&token_file, &second).unwrap();
+    mesh.agent.delete_token(&accessor).await;
+    mesh.agent.intention("web", "db", "deny").await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the deny applied after the token rotation: {end:?}\n{}",
+        db.logs()
+    );
+    // That deny may have come back on a query already in flight, authorized when it began.
+    // The next ones start with the deleted token: only a re-read file lets this allow through.
+    mesh.agent.intention("web", "db", "allow").await;
+    eventually("the allow applies with the new token", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"again").await.then_some(())
+    })
+    .await;
+    let logs = db.logs();
+    assert!(
+        !logs.contains(&first) && !logs.contains(&second),
+        "a token leaked"
+    );
+}

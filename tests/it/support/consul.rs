@@ -352,6 +352,11 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
             Some(json!({"Name": name, "Rules": rules})),
         )
         .await;
+        self.token_for(name).await.1
+    }
+
+    /// Creates another token holding the existing policy `name`: `(accessor, secret)`.
+    pub async fn token_for(&self, name: &str) -> (String, String) {
         let token = self
             .send(
                 reqwest::Method::PUT,
@@ -359,7 +364,14 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
                 Some(json!({"Policies": [{"Name": name}]})),
             )
             .await;
-        token["SecretID"].as_str().unwrap().to_owned()
+        let field = |f: &str| token[f].as_str().unwrap().to_owned();
+        (field("AccessorID"), field("SecretID"))
+    }
+
+    /// Deletes a token by its accessor ID.
+    pub async fn delete_token(&self, accessor: &str) {
+        let path = format!("/v1/acl/token/{accessor}");
+        self.send(reqwest::Method::DELETE, &path, None).await;
     }
 }
 
