@@ -42,9 +42,16 @@ fn invalid_values_exit_2_with_the_flag_named() {
 
 #[test]
 fn help_lists_consul_style_flags_and_never_a_token() {
-    let out = run(&["-help"], &[("CONSUL_HTTP_TOKEN", "s3cr3t-token-value")]);
+    // A token from the environment and one from the command line: help must show neither
+    // (clap's `env` attribute, for one, would print the variable's value next to the flag).
+    let (env_token, flag_token) = ("s3cr3t-env-token", "s3cr3t-flag-token");
+    let out = run(
+        &["-token", flag_token, "-help"],
+        &[("CONSUL_HTTP_TOKEN", env_token)],
+    );
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
     for flag in [
         "--proxy-id",
         "--sidecar-for",
@@ -64,7 +71,12 @@ fn help_lists_consul_style_flags_and_never_a_token() {
     ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
-    assert!(!help.contains("s3cr3t-token-value"));
+    for secret in [env_token, flag_token] {
+        assert!(
+            !help.contains(secret) && !stderr.contains(secret),
+            "help shows the token {secret:?}:\n{help}{stderr}"
+        );
+    }
 }
 
 #[test]

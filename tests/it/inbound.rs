@@ -250,36 +250,52 @@ async fn garbage_on_the_tls_port_is_dropped_and_service_continues() {
     assert!(echoes(mesh.db_public, Some(&mesh.ca.leaf("web", "dc1"))).await);
 }
 
+/// The configured handshake timeout, and the most a close may take from the client's connect:
+/// far below the 10 s default, so that a test fails if the configured value is ignored, with
+/// seconds of slack for a loaded machine.
+const HANDSHAKE_TIMEOUT_MS: u64 = 500;
+const CUT_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_handshake_is_cut_at_the_handshake_timeout() {
-    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": 300})).await;
+    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": HANDSHAKE_TIMEOUT_MS})).await;
     let db = mesh.start_db().await;
+    let start = std::time::Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", mesh.db_public))
         .await
         .unwrap();
     let mut buf = [0u8; 16];
-    // Without a handshake timeout this read would hang until the test's deadline.
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
         .await
         .expect("proxy closed the idle handshake");
-    assert!(matches!(n, Ok(0) | Err(_)));
-    db.wait_log("TLS handshake timed out").await;
+    let cut_after = start.elapsed();
+    assert!(matches!(n, Ok(0) | Err(_)), "nothing but a close: {n:?}");
+    assert!(
+        cut_after < CUT_WITHIN,
+        "closed {cut_after:?} after connecting: not at the configured {HANDSHAKE_TIMEOUT_MS} ms"
+    );
+    db.wait_log(&format!(
+        "TLS handshake timed out timeout={HANDSHAKE_TIMEOUT_MS}ms"
+    ))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_trickled_byte_by_byte_is_cut_at_the_handshake_timeout() {
-    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": 300})).await;
+    let mesh = Mesh::with_db_config(json!({"handshake_timeout_ms": HANDSHAKE_TIMEOUT_MS})).await;
     let db = mesh.start_db().await;
     // A real ClientHello, sent one byte every 50 ms: it would take seconds to complete, and
     // every byte resets no timer.
     let hello = tls_client::client_hello_bytes(&mesh.ca.leaf("web", "dc1"));
     assert!(hello.len() > 100, "a full ClientHello");
-    let mut s = TcpStream::connect(("127.0.0.1", mesh.db_public))
+    let start = std::time::Instant::now();
+    let (mut r, mut w) = TcpStream::connect(("127.0.0.1", mesh.db_public))
         .await
-        .unwrap();
+        .unwrap()
+        .into_split();
     let trickle = async {
         for (sent, byte) in hello.iter().enumerate() {
-            if s.write_all(std::slice::from_ref(byte)).await.is_err() {
+            if w.write_all(std::slice::from_ref(byte)).await.is_err() {
                 return sent;
             }
             // Pacing the client, not waiting for the proxy.
@@ -287,21 +303,32 @@ async fn a_handshake_trickled_byte_by_byte_is_cut_at_the_handshake_timeout() {
         }
         hello.len()
     };
-    let sent = tokio::time::timeout(DEADLINE, trickle).await.unwrap();
+    let closed = async {
+        let mut rest = Vec::new();
+        let end = r.read_to_end(&mut rest).await;
+        (end, rest, start.elapsed())
+    };
+    let ((end, rest, cut_after), sent) =
+        tokio::time::timeout(DEADLINE, async { tokio::join!(closed, trickle) })
+            .await
+            .expect("the proxy closed the connection");
+    assert!(
+        end.is_err() || rest.is_empty(),
+        "nothing but a close: {rest:?}"
+    );
     assert!(
         sent < hello.len(),
         "cut while the ClientHello was still arriving ({sent} of {} bytes)",
         hello.len()
     );
-    db.wait_log("TLS handshake timed out").await;
-    let mut rest = Vec::new();
-    let end = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
-        .await
-        .unwrap();
     assert!(
-        end.is_err() || rest.is_empty(),
-        "nothing but a close: {rest:?}"
+        cut_after < CUT_WITHIN,
+        "closed {cut_after:?} after connecting: not at the configured {HANDSHAKE_TIMEOUT_MS} ms"
     );
+    db.wait_log(&format!(
+        "TLS handshake timed out timeout={HANDSHAKE_TIMEOUT_MS}ms"
+    ))
+    .await;
 }
 
 /// A caller whose TCP closes without a TLS close_notify (a crash, a cut cable): the bytes it

@@ -41,9 +41,13 @@ async fn sidecar_for_with_one_candidate_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_for_with_no_candidate_exits_non_zero() {
     let mesh = Mesh::new().await;
+    // Our own notify socket, to see everything the proxy announced before it exited.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
     let mut p = ProxyProcess::spawn(
         &["-http-addr", &mesh.agent.addr(), "-sidecar-for", "cache"],
-        &[],
+        &[("NOTIFY_SOCKET", sock.to_str().unwrap())],
     );
     let status = p.wait_exit(crate::support::DEADLINE).await;
     assert_eq!(status.code(), Some(1));
@@ -53,7 +57,16 @@ async fn sidecar_for_with_no_candidate_exits_non_zero() {
         "{}",
         p.logs()
     );
-    assert!(!p.ready);
+    // The process is gone: whatever it sent is queued on the socket already.
+    notify.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.recv(&mut buf) {
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            !msg.lines().any(|l| l == "READY=1"),
+            "announced ready before exiting: {msg:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

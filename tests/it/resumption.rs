@@ -147,7 +147,7 @@ async fn a_caller_whose_certificate_expired_cannot_come_back_by_resuming() {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 2);
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 4);
     let leaf = mesh.ca.leaf_expiring("web", "dc1", expiry);
     let mut config = tls_client::client_config(Some(&leaf));
     config.alpn_protocols = vec![consul_proxy::tls::MESH_ALPN.to_vec()];
@@ -191,14 +191,37 @@ async fn a_server_whose_certificate_expired_is_not_trusted_through_a_resumed_ses
     use std::time::{Duration, SystemTime};
 
     let mesh = Mesh::new().await;
+    // Both proxies up first, with no connection through web yet (so it holds no ticket):
+    // the clock starts only once db presents its short-lived certificate.
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 2);
-    mesh.agent
-        .set_leaf("db", &mesh.ca.leaf_expiring("db", "dc1", expiry));
-    let (_db, web) = resuming_mesh(&mesh).await;
+    // Whole seconds: the certificate's notAfter has no finer resolution.
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 6);
+    let short = mesh.ca.leaf_expiring("db", "dc1", expiry);
+    mesh.agent.set_leaf("db", &short);
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    eventually("db presents its short-lived leaf", DEADLINE, || async {
+        let s = tls_client::connect(mesh.db_public, Some(&web_leaf))
+            .await
+            .ok()?;
+        (tls_client::serial_of(&tls_client::server_cert(&s)) == short.serial).then_some(())
+    })
+    .await;
+    // web's tickets for db now come from handshakes with the short-lived certificate.
+    eventually("web resumes a session with db", DEADLINE, || async {
+        assert_eq!(round_trip(mesh.web_upstream, b"ok").await.unwrap(), b"ok");
+        web.logs().contains("resumed=true").then_some(())
+    })
+    .await;
+    assert!(
+        SystemTime::now() < expiry,
+        "the certificate expired before the session was resumed: the test proves nothing"
+    );
+
     eventually("db's certificate has expired", DEADLINE, || async {
         (SystemTime::now() > expiry + Duration::from_secs(1)).then_some(())
     })
