@@ -314,6 +314,53 @@ async fn an_upstream_retargeted_to_another_service_follows_it() {
     );
 }
 
+/// Two upstreams that trade ports in one registration change: each listener keeps its socket
+/// and takes the other's target, so both ports serve the swapped services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_upstreams_trading_ports_serve_each_others_targets() {
+    use std::sync::atomic::Ordering;
+
+    let mesh = Mesh::new().await;
+    let cache = TlsEchoServer::start(&mesh.ca.leaf("cache", "dc1")).await;
+    mesh.agent
+        .set_health("cache", vec![health_entry("cache", cache.port, "dc1")]);
+    let cache_port = free_port();
+    let web = |db_port: u16, cache_port: u16| {
+        sidecar_json(
+            "web-sidecar-proxy",
+            "web",
+            mesh.web_public,
+            1,
+            vec![
+                upstream_json("db", db_port),
+                upstream_json("cache", cache_port),
+            ],
+            json!({}),
+        )
+    };
+    mesh.agent.set_service(web(mesh.web_upstream, cache_port));
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    let (echo, cache) = (&mesh.echo, &cache);
+    let reaches_db = |port: u16| async move {
+        let before = echo.accepted();
+        round_trip(port, b"x").await.is_ok_and(|b| b == b"x") && echo.accepted() > before
+    };
+    let reaches_cache = |port: u16| async move {
+        let before = cache.handshakes.load(Ordering::SeqCst);
+        round_trip(port, b"y").await.is_ok_and(|b| b == b"y")
+            && cache.handshakes.load(Ordering::SeqCst) > before
+    };
+    assert!(reaches_db(mesh.web_upstream).await);
+    assert!(reaches_cache(cache_port).await);
+
+    mesh.agent.set_service(web(cache_port, mesh.web_upstream));
+    eventually("the ports serve each other's targets", DEADLINE, || async {
+        (reaches_db(cache_port).await && reaches_cache(mesh.web_upstream).await).then_some(())
+    })
+    .await;
+}
+
 /// Our identity (leaf, intentions) is chosen at start-up; a registration that now fronts
 /// another service is refused as a whole instead of pointing db's identity at secret's app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
