@@ -144,7 +144,9 @@ async fn start(
                 ConsulError::NotFound { .. } => AppError::UnknownProxy(proxy_id.clone()),
                 other => AppError::Consul(other),
             })?;
-    let resolved = proxy_config::resolve_listener_hosts(&mut svc)
+    let host_names = Arc::new(proxy_config::HostNames::default());
+    let resolved = host_names
+        .resolve(&mut svc)
         .await
         .map_err(AppError::Registration)?;
     for note in &resolved {
@@ -182,6 +184,7 @@ async fn start(
         client.clone(),
         proxy_id.clone(),
         (proxy.clone(), hash),
+        host_names,
         config.defaults,
         settings.clone(),
         background.clone(),

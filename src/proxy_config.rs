@@ -437,49 +437,75 @@ pub fn binds_conflict(a: &BindAddr, b: &BindAddr) -> bool {
     }
 }
 
-/// Replaces host names in the registration's listener addresses (`Address`,
-/// `Proxy.Config.bind_address`, each upstream's `LocalBindAddress`) with the address each
-/// resolves to, the first IPv4 one if any (as Go's listen does; Consul's built-in proxy
-/// listens on `host:port`). Runs before [`ProxyConfig::from_api`], which takes IPs only.
-/// Returns a note per name resolved; a name that does not resolve is an error naming the field.
-pub async fn resolve_listener_hosts(svc: &mut api::AgentService) -> Result<Vec<String>, String> {
-    let mut notes = Vec::new();
-    resolve_host("Address", &mut svc.address, &mut notes).await?;
-    if let Some(proxy) = svc.proxy.as_mut() {
-        if let Some(Value::String(a)) = proxy.config.get_mut("bind_address") {
-            resolve_host("Proxy.Config.bind_address", a, &mut notes).await?;
-        }
-        for u in &mut proxy.upstreams {
-            resolve_host("LocalBindAddress", &mut u.local_bind_address, &mut notes).await?;
-        }
-    }
-    Ok(notes)
-}
+/// Host names seen in the registration's listener addresses (`Address`,
+/// `Proxy.Config.bind_address`, each upstream's `LocalBindAddress`) and the address each was
+/// resolved to. A name is resolved the first time it appears (the first IPv4 address if any,
+/// as Go's listen does; Consul's built-in proxy listens on `host:port`), and that answer is
+/// kept: a name with several addresses does not move a listener on every registration read,
+/// and a DNS hiccup does not reject an unchanged registration.
+#[derive(Debug, Default)]
+pub struct HostNames(std::sync::Mutex<std::collections::HashMap<String, IpAddr>>);
 
-async fn resolve_host(
-    field: &str,
-    host: &mut String,
-    notes: &mut Vec<String>,
-) -> Result<(), String> {
-    let bare = host.trim_matches(|c| c == '[' || c == ']');
-    if bare.is_empty() || bare.parse::<IpAddr>().is_ok() {
-        return Ok(());
+impl HostNames {
+    /// Replaces host names in the listener addresses of `svc` with their addresses, before
+    /// [`ProxyConfig::from_api`] (which takes IPs only). Returns a note per name resolved now;
+    /// a name that does not resolve is an error naming the field.
+    pub async fn resolve(&self, svc: &mut api::AgentService) -> Result<Vec<String>, String> {
+        let mut notes = Vec::new();
+        self.resolve_one("Address", &mut svc.address, &mut notes)
+            .await?;
+        if let Some(proxy) = svc.proxy.as_mut() {
+            if let Some(Value::String(a)) = proxy.config.get_mut("bind_address") {
+                self.resolve_one("Proxy.Config.bind_address", a, &mut notes)
+                    .await?;
+            }
+            for u in &mut proxy.upstreams {
+                self.resolve_one("LocalBindAddress", &mut u.local_bind_address, &mut notes)
+                    .await?;
+            }
+        }
+        Ok(notes)
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, 0))
-        .await
-        .map_err(|e| {
-            format!("{field} {host:?} is neither an IP address nor a name that resolves: {e}")
-        })?
-        .collect();
-    let ip = addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or_else(|| addrs.first())
-        .map(SocketAddr::ip)
-        .ok_or_else(|| format!("{field} {host:?} resolves to no address"))?;
-    notes.push(format!("{field} {host:?} resolved to {ip}"));
-    *host = ip.to_string();
-    Ok(())
+
+    async fn resolve_one(
+        &self,
+        field: &str,
+        host: &mut String,
+        notes: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let bare = host.trim_matches(|c| c == '[' || c == ']');
+        if bare.is_empty() || bare.parse::<IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let known = self.lock().get(bare).copied();
+        let ip = match known {
+            Some(ip) => ip,
+            None => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, 0))
+                    .await
+                    .map_err(|e| {
+                        format!("{field} {host:?} is neither an IP address nor a name that resolves: {e}")
+                    })?
+                    .collect();
+                let ip = addrs
+                    .iter()
+                    .find(|a| a.is_ipv4())
+                    .or_else(|| addrs.first())
+                    .map(SocketAddr::ip)
+                    .ok_or_else(|| format!("{field} {host:?} resolves to no address"))?;
+                self.lock().insert(bare.to_owned(), ip);
+                notes.push(format!("{field} {host:?} resolved to {ip}"));
+                ip
+            }
+        };
+        *host = ip.to_string();
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, IpAddr>> {
+        // Invariant: held only to read or insert one entry; nothing in between can panic.
+        self.0.lock().expect("host names lock")
+    }
 }
 
 fn parse_ip(field: &str, s: &str) -> Result<IpAddr, String> {
@@ -571,13 +597,14 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn listener_host_names_resolve_before_parsing_and_ips_stay() {
+    async fn listener_host_names_resolve_once_before_parsing_and_ips_stay() {
         let mut j = sidecar();
         j["Address"] = "localhost".into();
         j["Proxy"]["Config"]["bind_address"] = "127.0.0.2".into();
         j["Proxy"]["Upstreams"][0]["LocalBindAddress"] = "localhost".into();
-        let mut svc = registration(j);
-        let notes = resolve_listener_hosts(&mut svc).await.unwrap();
+        let names = HostNames::default();
+        let mut svc = registration(j.clone());
+        let notes = names.resolve(&mut svc).await.unwrap();
         assert_eq!(svc.address, "127.0.0.1", "the IPv4 address of localhost");
         assert_eq!(
             svc.proxy.as_ref().unwrap().config["bind_address"],
@@ -585,9 +612,20 @@ mod tests {
         );
         let upstream = &svc.proxy.as_ref().unwrap().upstreams[0];
         assert_eq!(upstream.local_bind_address, "127.0.0.1");
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(
+            notes.len(),
+            1,
+            "one name, resolved once for both fields: {notes:?}"
+        );
         assert!(notes[0].contains("Address \"localhost\" resolved to 127.0.0.1"));
         ProxyConfig::from_api(&svc, &Defaults::default()).unwrap();
+        // Read again (the same registration): the names keep their addresses, no new notes.
+        let mut again = registration(j);
+        assert_eq!(
+            names.resolve(&mut again).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(again.address, "127.0.0.1");
     }
 
     fn registration(json: serde_json::Value) -> api::AgentService {

@@ -11,7 +11,7 @@ use crate::authz::Intentions;
 use crate::consul::watch::{self, Hash, Index, Subscriber, WatchSettings};
 use crate::consul::{Blocking, ConsulClient};
 use crate::endpoints::Endpoints;
-use crate::proxy_config::{self, Defaults, Destination, ProxyConfig, UpstreamSpec};
+use crate::proxy_config::{Defaults, Destination, HostNames, ProxyConfig, UpstreamSpec};
 use crate::tls::{Leaf, TrustBundle};
 
 /// Watch names, as logs and the admin endpoint show them.
@@ -122,6 +122,7 @@ pub fn spawn_proxy_config(
     client: ConsulClient,
     proxy_id: String,
     initial: (ProxyConfig, String),
+    host_names: Arc<HostNames>,
     defaults: Defaults,
     settings: WatchSettings,
     cancel: CancellationToken,
@@ -131,40 +132,34 @@ pub fn spawn_proxy_config(
     let (tx, rx) = channel(Some(Arc::new(config)));
     tokio::spawn(async move {
         let read = Some(Hash(Some(hash)));
-        watch::run_from(
-            "proxy-config",
-            &settings,
-            tx,
-            cancel,
-            read,
-            |cursor: Hash| {
-                let client = client.clone();
-                let proxy_id = proxy_id.clone();
-                let hash = cursor.0;
-                let wait = settings.wait;
-                let running = &running;
-                async move {
-                    let (mut svc, hash) = client
-                        .agent_service(&proxy_id, hash.as_deref(), wait)
-                        .await?;
-                    let resolved = proxy_config::resolve_listener_hosts(&mut svc).await;
-                    let converted = resolved
-                        .and_then(|resolved| {
-                            let mut c = ProxyConfig::from_api(&svc, &defaults)?;
-                            c.notes.splice(0..0, resolved);
-                            Ok(c)
-                        })
-                        .and_then(|c| running.can_become(&c.config).map(|()| c))
-                        .map(|c| {
-                            for note in c.notes {
-                                tracing::info!(%note, "proxy configuration");
-                            }
-                            c.config
-                        });
-                    Ok((Hash(Some(hash)), converted))
-                }
-            },
-        )
+        watch::run_from(PROXY_CONFIG, &settings, tx, cancel, read, |cursor: Hash| {
+            let client = client.clone();
+            let proxy_id = proxy_id.clone();
+            let hash = cursor.0;
+            let wait = settings.wait;
+            let running = &running;
+            let host_names = &host_names;
+            async move {
+                let (mut svc, hash) = client
+                    .agent_service(&proxy_id, hash.as_deref(), wait)
+                    .await?;
+                let resolved = host_names.resolve(&mut svc).await;
+                let converted = resolved
+                    .and_then(|resolved| {
+                        let mut c = ProxyConfig::from_api(&svc, &defaults)?;
+                        c.notes.splice(0..0, resolved);
+                        Ok(c)
+                    })
+                    .and_then(|c| running.can_become(&c.config).map(|()| c))
+                    .map(|c| {
+                        for note in c.notes {
+                            tracing::info!(%note, "proxy configuration");
+                        }
+                        c.config
+                    });
+                Ok((Hash(Some(hash)), converted))
+            }
+        })
         .await
     });
     rx

@@ -70,6 +70,12 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// Neither `-proxy-id` nor `-sidecar-for`, and neither `CONNECT_PROXY_ID` nor
+    /// `CONNECT_SIDECAR_FOR`.
+    #[error(
+        "nothing to run as: give -proxy-id ID or -sidecar-for SERVICE_ID (or set CONNECT_PROXY_ID or CONNECT_SIDECAR_FOR)"
+    )]
+    MissingTarget,
     /// A bad flag value or combination.
     #[error("invalid flag -{flag}: {reason}")]
     Flag {
@@ -88,22 +94,16 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
-        // As Consul's built-in proxy: the flags, else CONNECT_PROXY_ID, else
-        // CONNECT_SIDECAR_FOR (a flag of either kind overrides both variables).
+        // A flag of either kind first (flags beat the environment; Consul's built-in proxy
+        // instead lets CONNECT_PROXY_ID beat a -sidecar-for flag), else CONNECT_PROXY_ID, else
+        // CONNECT_SIDECAR_FOR (as in Consul when both are set).
         let target = match (args.proxy_id, args.sidecar_for) {
             (Some(id), None) => Target::ProxyId(non_empty("proxy-id", id)?),
             (None, Some(id)) => Target::SidecarFor(non_empty("sidecar-for", id)?),
             (None, None) => match (env("CONNECT_PROXY_ID"), env("CONNECT_SIDECAR_FOR")) {
                 (Some(id), _) => Target::ProxyId(id),
                 (None, Some(id)) => Target::SidecarFor(id),
-                (None, None) => {
-                    return Err(ConfigError::Flag {
-                        flag: "proxy-id",
-                        reason: "one of -proxy-id and -sidecar-for is required \
-                                 (or CONNECT_PROXY_ID / CONNECT_SIDECAR_FOR)"
-                            .into(),
-                    });
-                }
+                (None, None) => return Err(ConfigError::MissingTarget),
             },
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Flag {

@@ -107,7 +107,8 @@ impl ConsulClient {
                         })?
                         .collect();
                     builder = builder.resolve_to_addrs(name, &addrs);
-                    let port = authority.rsplit_once(':').map(|(_, p)| p).unwrap_or("443");
+                    // Invariant: `AgentAddr::parse` always gives a TCP authority a port.
+                    let (_, port) = authority.rsplit_once(':').expect("agent port");
                     format!("{name}:{port}")
                 }
                 None => authority.clone(),
