@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,6 +77,35 @@ pub fn plan(running: &Running, desired: &ProxyConfig) -> Vec<Action> {
         }
     }
     actions
+}
+
+/// A public listener and an upstream listener trading ports in one change (public `A -> B`
+/// while an upstream leaves `B` and another starts on `A`): neither new address can be bound
+/// while the other old listener holds it. Returns the new public listener, the upstream
+/// address given up and the upstream starting where the public listener was.
+pub fn find_exchange(
+    actions: &[Action],
+    public_now: Option<SocketAddr>,
+) -> Option<(PublicListener, BindAddr, UpstreamSpec)> {
+    let public_now = BindAddr::Tcp(public_now?);
+    let new_public = actions.iter().find_map(|a| match a {
+        Action::StartPublic(p) => Some(p),
+        _ => None,
+    })?;
+    let new_public_addr = BindAddr::Tcp(new_public.bind);
+    let old_upstream = actions.iter().find_map(|a| match a {
+        Action::StopUpstream(addr) if binds_conflict(addr, &new_public_addr) => Some(addr),
+        _ => None,
+    })?;
+    let new_upstream = actions.iter().find_map(|a| match a {
+        Action::StartUpstream(s) if binds_conflict(&public_now, &s.bind) => Some(s),
+        _ => None,
+    })?;
+    Some((
+        new_public.clone(),
+        old_upstream.clone(),
+        new_upstream.clone(),
+    ))
 }
 
 /// Everything listeners and their connections share.
@@ -275,7 +305,17 @@ impl Listeners {
         if fresh {
             self.failed_swaps.clear();
         }
-        let actions = plan(&self.running(), desired);
+        let mut actions = plan(&self.running(), desired);
+        let public_now = self.public.as_ref().map(|p| p.settings.borrow().bind);
+        if let Some((public, old_upstream, new_upstream)) = find_exchange(&actions, public_now) {
+            if !self.is_failed_swap(&Action::StartPublic(public.clone())) {
+                tracing::info!(action = "exchange ports", public = %public.bind, upstream = %new_upstream.bind, "reconfiguring");
+                self.exchange(public, old_upstream, new_upstream).await;
+                actions = plan(&self.running(), desired);
+            }
+            // Undone (now or before): the rest of the change applies without it.
+            actions.retain(|a| !self.is_failed_swap(a));
+        }
         let mut prepared = self.prepare_upstreams(&actions).await;
         // Upstream listeners stopped by this reconciliation, in case a listener moving on its
         // port must wait for the old socket or put it back.
@@ -470,6 +510,78 @@ impl Listeners {
             running.endpoints_cancel = endpoints_cancel;
             running.spec = spec;
         }
+    }
+
+    /// See [`find_exchange`]: stops both old listeners, waits for their sockets, binds both
+    /// new ones. If either bind fails, both old addresses are bound again and the exchange
+    /// waits for a registration change (as a failed move on one port does).
+    async fn exchange(
+        &mut self,
+        public: PublicListener,
+        old_upstream: BindAddr,
+        new_upstream: UpstreamSpec,
+    ) {
+        let (Some(old_public), Some(old_up)) =
+            (self.public.take(), self.upstreams.remove(&old_upstream))
+        else {
+            return;
+        };
+        let previous_public = (**old_public.settings.borrow()).clone();
+        let (public_closed, upstream_closed) = (
+            old_public.handle.closed.clone(),
+            old_up.handle.closed.clone(),
+        );
+        old_up.endpoints_cancel.cancel();
+        self.retire(old_public.handle, "public");
+        self.retire(old_up.handle, "upstream");
+        let new_public_addr = BindAddr::Tcp(public.bind);
+        let bound_upstream = bind_replacing(
+            &new_upstream.bind,
+            new_upstream.socket_mode,
+            Some(&public_closed),
+        )
+        .await;
+        let bound_public = bind_replacing(&new_public_addr, None, Some(&upstream_closed)).await;
+        match (bound_public, bound_upstream) {
+            (Ok(p), Ok(u)) => {
+                self.serve_public(p, public);
+                self.start_upstream(u, new_upstream);
+                return;
+            }
+            (p, u) => {
+                for (addr, e) in [(&new_public_addr, p.err()), (&new_upstream.bind, u.err())] {
+                    if let Some(error) = e {
+                        tracing::error!(%addr, %error, "cannot bind a listener while exchanging ports");
+                    }
+                }
+                // Whatever was bound is dropped here, freeing the old addresses' ports.
+            }
+        }
+        let old_public_addr = BindAddr::Tcp(previous_public.bind);
+        match bind_replacing(&old_public_addr, None, Some(&public_closed)).await {
+            Ok(l) => self.serve_public(l, previous_public),
+            Err(error) => {
+                tracing::error!(addr = %old_public_addr, %error, "cannot restore the previous public listener")
+            }
+        }
+        match bind_replacing(
+            &old_up.spec.bind,
+            old_up.spec.socket_mode,
+            Some(&upstream_closed),
+        )
+        .await
+        {
+            Ok(l) => self.start_upstream(l, old_up.spec.clone()),
+            Err(error) => {
+                tracing::error!(addr = %old_up.spec.bind, %error, "cannot restore the previous upstream listener")
+            }
+        }
+        tracing::warn!(
+            "listeners kept at their previous ports; the exchange waits for a registration change"
+        );
+        self.failed_swaps.push((old_public_addr, new_public_addr));
+        self.failed_swaps
+            .push((old_up.spec.bind.clone(), new_upstream.bind.clone()));
     }
 
     /// A new public listener address: bound first, then the old one retires; on the same port
@@ -818,5 +930,31 @@ mod tests {
         );
         let gone = config(None, vec![]);
         assert_eq!(plan(&running(&before), &gone), vec![Action::StopPublic]);
+    }
+
+    #[test]
+    fn a_public_listener_and_an_upstream_trading_ports_is_an_exchange() {
+        let before = config(Some(public(21000, 8080)), vec![upstream("db", 9191)]);
+        let traded = config(Some(public(9191, 8080)), vec![upstream("db", 21000)]);
+        let actions = plan(&running(&before), &traded);
+        let now = before.public.as_ref().map(|p| p.bind);
+        assert_eq!(
+            find_exchange(&actions, now),
+            Some((
+                public(9191, 8080),
+                upstream("db", 9191).bind,
+                upstream("db", 21000)
+            ))
+        );
+        // Moving to free ports is no exchange, nor is a public listener that is not moving.
+        let apart = config(Some(public(22000, 8080)), vec![upstream("db", 9292)]);
+        assert_eq!(find_exchange(&plan(&running(&before), &apart), now), None);
+        let stays = config(Some(public(21000, 8080)), vec![upstream("db", 9292)]);
+        assert_eq!(find_exchange(&plan(&running(&before), &stays), now), None);
+        assert_eq!(
+            find_exchange(&actions, None),
+            None,
+            "no public listener running"
+        );
     }
 }

@@ -361,6 +361,88 @@ async fn two_upstreams_trading_ports_serve_each_others_targets() {
     .await;
 }
 
+/// The public listener and an upstream trading ports in one registration change: both old
+/// listeners stop, both new ones bind, each on the port the other held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
+    let mesh = Mesh::new().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    mesh.agent.set_leaf("web", &web_leaf);
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
+    let presents_web = |port: u16| {
+        let serial = web_leaf.serial.clone();
+        async move {
+            let Ok(s) = tls_client::connect(port, Some(&TestCa::new("x").leaf("any", "dc1"))).await
+            else {
+                return false;
+            };
+            tls_client::serial_of(&tls_client::server_cert(&s)) == serial
+        }
+    };
+    assert!(presents_web(mesh.web_public).await);
+
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_upstream,
+        1,
+        vec![upstream_json("db", mesh.web_public)],
+        json!({}),
+    ));
+    eventually("each listener on the other's port", DEADLINE, || async {
+        let upstream_moved = round_trip(mesh.web_public, b"b")
+            .await
+            .is_ok_and(|b| b == b"b");
+        (upstream_moved && presents_web(mesh.web_upstream).await).then_some(())
+    })
+    .await;
+    assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
+
+/// The same exchange when the public listener's new port is taken by another process (on
+/// another loopback address, which a wildcard bind conflicts with): both old listeners are
+/// bound again and serve as before, and the exchange is not retried until the registration
+/// changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_exchange_that_cannot_bind_puts_both_listeners_back() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
+    let _squatter = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
+
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_upstream,
+        1,
+        vec![upstream_json("db", mesh.web_public)],
+        json!({}),
+    ));
+    web.wait_log("the exchange waits for a registration change")
+        .await;
+    eventually("the upstream serves at its old port", DEADLINE, || async {
+        let back = round_trip(mesh.web_upstream, b"b").await.ok()?;
+        (back == b"b").then_some(())
+    })
+    .await;
+    assert!(
+        tls_client::connect(mesh.web_public, Some(&mesh.ca.leaf("any", "dc1")))
+            .await
+            .is_ok(),
+        "the public listener is back at its old port"
+    );
+    // Not retried on a timer: every attempt would stop both listeners again.
+    web.wait_log("waiting for a registration change").await;
+    assert!(
+        !web.logs().contains("not fully applied; retrying"),
+        "{}",
+        web.logs()
+    );
+}
+
 /// Our identity (leaf, intentions) is chosen at start-up; a registration that now fronts
 /// another service is refused as a whole instead of pointing db's identity at secret's app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
