@@ -5,23 +5,8 @@ use tokio::net::TcpStream;
 use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
 use crate::support::pki::{LeafSpec, TestCa};
-use crate::support::tls_client;
+use crate::support::tls_client::{self, echoes};
 use crate::support::{DEADLINE, eventually};
-
-/// Opens an mTLS connection to db's public port with `leaf` and checks whether bytes echo.
-async fn echoes(port: u16, leaf: Option<&crate::support::pki::TestLeaf>) -> bool {
-    let Ok(mut s) = tls_client::connect(port, leaf).await else {
-        return false;
-    };
-    if s.write_all(b"ping").await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 4];
-    matches!(
-        tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await,
-        Ok(Ok(_))
-    ) && &buf == b"ping"
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_caller_reaches_the_app() {

@@ -765,21 +765,6 @@ async fn a_prepared_query_upstream_reaches_a_warning_instance_the_query_returns(
     );
 }
 
-/// One exchange over mTLS with db's public port, presenting `leaf` (or no certificate).
-async fn tls_echoes(port: u16, leaf: Option<&TestLeaf>) -> bool {
-    let Ok(mut s) = crate::support::tls_client::connect(port, leaf).await else {
-        return false;
-    };
-    if s.write_all(b"hello").await.is_err() {
-        return false;
-    }
-    let mut back = [0u8; 5];
-    matches!(
-        tokio::time::timeout(DEADLINE, s.read_exact(&mut back)).await,
-        Ok(Ok(_))
-    ) && &back == b"hello"
-}
-
 /// With the real agent's roots: a caller with an agent-issued leaf gets through, one with no
 /// certificate or with a certificate from another CA (naming the same identity in the same
 /// trust domain) does not, and none of those reach the app.
@@ -793,14 +778,17 @@ async fn our_inbound_admits_only_chains_to_the_real_agents_roots() {
     mesh.agent.wait_passing("db", 1).await;
     let issued = mesh.agent_leaf("web").await;
     eventually("an agent-issued caller gets through", DEADLINE, || async {
-        tls_echoes(mesh.db_public, Some(&issued))
+        crate::support::tls_client::echoes(mesh.db_public, Some(&issued))
             .await
             .then_some(())
     })
     .await;
     let served = mesh.echo.accepted();
 
-    assert!(!tls_echoes(mesh.db_public, None).await, "no certificate");
+    assert!(
+        !crate::support::tls_client::echoes(mesh.db_public, None).await,
+        "no certificate"
+    );
     let roots = mesh.agent.get("/v1/agent/connect/ca/roots").await;
     let trust_domain = roots["TrustDomain"].as_str().unwrap();
     let cluster = trust_domain.strip_suffix(".consul").unwrap();
@@ -808,7 +796,7 @@ async fn our_inbound_admits_only_chains_to_the_real_agents_roots() {
     let forged = rogue.leaf("web", "dc1");
     assert_eq!(forged.uri, issued.uri, "the same identity, from another CA");
     assert!(
-        !tls_echoes(mesh.db_public, Some(&forged)).await,
+        !crate::support::tls_client::echoes(mesh.db_public, Some(&forged)).await,
         "foreign CA"
     );
     db.wait_log("UnknownIssuer").await;

@@ -127,6 +127,23 @@ pub async fn connect(
 }
 
 /// A client config presenting `leaf` (if given) that accepts any server certificate.
+/// Opens an mTLS connection presenting `leaf` (or no certificate) and checks that one exchange
+/// echoes.
+pub async fn echoes(port: u16, leaf: Option<&TestLeaf>) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = connect(port, leaf).await else {
+        return false;
+    };
+    if s.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    matches!(
+        tokio::time::timeout(super::DEADLINE, s.read_exact(&mut buf)).await,
+        Ok(Ok(_))
+    ) && &buf == b"ping"
+}
+
 pub fn client_config(leaf: Option<&TestLeaf>) -> rustls::ClientConfig {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
