@@ -24,3 +24,6 @@ mod shutdown;
 mod fixtures;
 // Against a real Consul agent, including interop with `consul connect proxy`.
 mod real_consul;
+// What operators rely on: unix-socket apps and upstreams, exit 1 on a taken port, /ready
+// while draining, handshake metrics.
+mod operations;

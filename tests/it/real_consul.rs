@@ -13,7 +13,6 @@ use crate::support::consul::{
     BuiltinProxy, ConsulAgent, Extras, Mode, service_with_sidecar, upstream,
 };
 use crate::support::open_echoing;
-use crate::support::pki::TestLeaf;
 use crate::support::{
     DEADLINE, EchoServer, ProxyProcess, admin_get, eventually, exchange, free_port, pattern,
     round_trip,
@@ -95,21 +94,6 @@ impl RealMesh {
         })
         .await;
         (db, web)
-    }
-
-    /// A leaf for `service` issued by the agent, usable as a test client certificate.
-    async fn agent_leaf(&self, service: &str) -> TestLeaf {
-        let leaf = self
-            .agent
-            .get(&format!("/v1/agent/connect/ca/leaf/{service}"))
-            .await;
-        TestLeaf {
-            cert_pem: leaf["CertPEM"].as_str().unwrap().to_owned(),
-            key_pem: leaf["PrivateKeyPEM"].as_str().unwrap().to_owned(),
-            uri: leaf["ServiceURI"].as_str().unwrap().to_owned(),
-            serial: leaf["SerialNumber"].as_str().unwrap().to_owned(),
-            service: service.to_owned(),
-        }
     }
 }
 
@@ -298,7 +282,7 @@ async fn ca_rotation_keeps_streams_and_new_connections_use_the_new_root() {
     assert_ne!(new_root, old_root, "the CA rotated");
 
     // The agent re-issues leaves within 30 s of a root change (Consul's jitter window).
-    let client = mesh.agent_leaf("web").await;
+    let client = mesh.agent.leaf("web").await;
     eventually(
         "db presents a leaf from the new root",
         Duration::from_secs(90),
@@ -776,7 +760,7 @@ async fn our_inbound_admits_only_chains_to_the_real_agents_roots() {
     mesh.agent.intention("*", "db", "allow").await;
     let db = mesh.proxy("-proxy-id", "db-sidecar-proxy", None).await;
     mesh.agent.wait_passing("db", 1).await;
-    let issued = mesh.agent_leaf("web").await;
+    let issued = mesh.agent.leaf("web").await;
     eventually("an agent-issued caller gets through", DEADLINE, || async {
         crate::support::tls_client::echoes(mesh.db_public, Some(&issued))
             .await
@@ -817,7 +801,7 @@ async fn our_upstream_refuses_a_server_with_another_services_real_certificate() 
     };
     mesh.agent.intention("web", "db", "allow").await;
     let impostor =
-        crate::support::tls_client::TlsEchoServer::start(&mesh.agent_leaf("api").await).await;
+        crate::support::tls_client::TlsEchoServer::start(&mesh.agent.leaf("api").await).await;
     mesh.agent
         .register(service_with_sidecar(
             "db",

@@ -305,6 +305,21 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
         serde_json::from_str(&text).unwrap_or(Value::Null)
     }
 
+    /// A leaf for `service` issued by the agent, usable as a test client certificate.
+    pub async fn leaf(&self, service: &str) -> super::pki::TestLeaf {
+        let leaf = self
+            .get(&format!("/v1/agent/connect/ca/leaf/{service}"))
+            .await;
+        let field = |f: &str| leaf[f].as_str().unwrap().to_owned();
+        super::pki::TestLeaf {
+            cert_pem: field("CertPEM"),
+            key_pem: field("PrivateKeyPEM"),
+            uri: field("ServiceURI"),
+            serial: field("SerialNumber"),
+            service: service.to_owned(),
+        }
+    }
+
     /// Registers a service through the agent API.
     pub async fn register(&self, service: Value) {
         self.send(
