@@ -308,8 +308,9 @@ impl Started {
     /// the rest.
     async fn drain(self) {
         let deadline = self.shared.drain_timeout;
-        notify::stopping();
+        // Not ready first: once systemd hears STOPPING=1, /ready must already say 503.
         self.admin.ready.store(false, Ordering::Relaxed);
+        notify::stopping();
         self.listeners.lock().await.stop_accepting();
         // Each listener drains its own connections for `deadline`, then cuts the rest.
         let tracker = &self.shared.tracker;
