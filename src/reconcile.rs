@@ -521,6 +521,10 @@ impl Listeners {
         old_upstream: BindAddr,
         new_upstream: UpstreamSpec,
     ) {
+        // `find_exchange` found both in the plan of what runs; check without taking either.
+        if self.public.is_none() || !self.upstreams.contains_key(&old_upstream) {
+            return;
+        }
         let (Some(old_public), Some(old_up)) =
             (self.public.take(), self.upstreams.remove(&old_upstream))
         else {
