@@ -822,12 +822,8 @@ async fn our_upstream_refuses_a_server_with_another_services_real_certificate() 
             .then_some(())
     })
     .await;
-    assert!(
-        impostor
-            .handshakes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    // (The impostor's own handshake count is not checked: web closes right after its side of
+    // the handshake, and the server may see that close before it counts the handshake.)
     assert_eq!(
         impostor
             .bytes_received
