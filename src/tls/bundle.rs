@@ -108,15 +108,14 @@ impl TrustBundle {
     /// root that has expired (or is not valid yet) anchors nothing, as in Go's and Envoy's
     /// verifiers.
     pub fn anchors_at(&self, now: UnixTime) -> Cow<'_, [TrustAnchor<'static>]> {
-        let now = now.as_secs();
-        if self.periods.iter().all(|p| p.contains(now)) {
+        if self.periods.iter().all(|p| p.check(now).is_ok()) {
             return Cow::Borrowed(&self.anchors);
         }
         Cow::Owned(
             self.anchors
                 .iter()
                 .zip(&self.periods)
-                .filter(|(_, p)| p.contains(now))
+                .filter(|(_, p)| p.check(now).is_ok())
                 .map(|(a, _)| a.clone())
                 .collect(),
         )
@@ -152,13 +151,14 @@ impl TrustBundle {
 
 /// A certificate's validity period, in Unix seconds (inclusive at both ends, as RFC 5280).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Period {
+pub(super) struct Period {
     not_before: i64,
     not_after: i64,
 }
 
 impl Period {
-    fn of(der: &CertificateDer<'_>) -> Result<Self, String> {
+    /// Reads the period from a certificate.
+    pub(super) fn of(der: &CertificateDer<'_>) -> Result<Self, String> {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let (_, cert) = X509Certificate::from_der(der.as_ref())
             .map_err(|e| format!("cannot read its validity period: {e}"))?;
@@ -169,9 +169,16 @@ impl Period {
         })
     }
 
-    fn contains(&self, now: u64) -> bool {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        self.not_before <= now && now <= self.not_after
+    /// Whether `now` is within the period, and if not, on which side.
+    pub(super) fn check(&self, now: UnixTime) -> Result<(), rustls::CertificateError> {
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if now < self.not_before {
+            Err(rustls::CertificateError::NotValidYet)
+        } else if now > self.not_after {
+            Err(rustls::CertificateError::Expired)
+        } else {
+            Ok(())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use webpki::KeyUsage;
 
 use super::TrustBundle;
+use super::bundle::Period;
 
 /// Verifies a peer chain against the bundle for the given usage.
 fn verify_chain(
@@ -91,22 +92,10 @@ pub fn check_validity_periods(
     chain: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<(), rustls::Error> {
-    use x509_parser::prelude::{ASN1Time, FromDer, X509Certificate};
-    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-    let at = ASN1Time::from_timestamp(now_secs)
-        .map_err(|_| rustls::Error::General("the clock is out of range".into()))?;
     for der in chain {
-        let (_, cert) = X509Certificate::from_der(der.as_ref())
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let validity = cert.validity();
-        if at < validity.not_before {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidYet,
-            ));
-        }
-        if at > validity.not_after {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
-        }
+        Period::of(der)
+            .map_err(|_| CertificateError::BadEncoding)?
+            .check(now)?;
     }
     if chain.is_empty() {
         return Err(rustls::Error::NoCertificatesPresented);
