@@ -4,10 +4,10 @@ use tokio::net::TcpStream;
 
 use crate::support::fake_agent::{Fault, intention_json};
 use crate::support::mesh::Mesh;
-use crate::support::open_echoing;
 use crate::support::{
     DEADLINE, ProxyProcess, admin_get, eventually, free_port, refused, round_trip,
 };
+use crate::support::{exits_1_saying, open_echoing};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_down_after_start_keeps_existing_and_new_connections_working() {
@@ -90,17 +90,6 @@ async fn agent_unreachable_at_start_waits_then_starts_when_it_appears() {
         1,
         "logged once, not per retry"
     );
-}
-
-/// Starts a proxy with `args` against the fake agent, expects exit code 1, and that its logs
-/// contain every one of `needles`.
-async fn exits_1_saying(args: &[&str], needles: &[&str]) {
-    let mut p = ProxyProcess::spawn(args, &[]);
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
-    let logs = p.logs();
-    for needle in needles {
-        assert!(logs.contains(needle), "{needle:?} missing from:\n{logs}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

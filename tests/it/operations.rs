@@ -14,7 +14,8 @@ use crate::support::consul::{ConsulAgent, Mode, service_with_sidecar};
 use crate::support::mesh::Mesh;
 use crate::support::tls_client;
 use crate::support::{
-    DEADLINE, EchoServer, ProxyProcess, admin_get, eventually, free_port, open_echoing, round_trip,
+    DEADLINE, EchoServer, ProxyProcess, admin_get, eventually, exits_1_saying, free_port,
+    open_echoing, round_trip,
 };
 
 /// A unix-socket echo server that counts the connections it accepted.
@@ -30,13 +31,9 @@ impl UnixEcho {
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
+            while let Ok((s, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
+                tokio::spawn(crate::support::echo_until_eof(s));
             }
         });
         UnixEcho {
@@ -159,23 +156,15 @@ async fn an_upstream_on_a_unix_socket_has_the_requested_mode_and_reaches_the_des
     assert!(echo.accepted() >= 1, "db's app took the connection");
 }
 
-/// Starts a proxy with `args`, expects exit code 1, and that its output contains `needle`.
-async fn exits_1_saying(args: &[String], needle: &str) {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut p = ProxyProcess::spawn(&args, &[]);
-    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
-    let logs = p.logs();
-    assert!(logs.contains(needle), "{needle:?} missing from:\n{logs}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_public_port_exits_1_naming_the_address() {
     let mesh = Mesh::new().await;
     // The public listener binds all interfaces (the registration's Address is empty).
     let _taken = std::net::TcpListener::bind(("0.0.0.0", mesh.db_public)).unwrap();
+    let args = mesh.args("db-sidecar-proxy");
     exits_1_saying(
-        &mesh.args("db-sidecar-proxy"),
-        &format!("cannot listen on 0.0.0.0:{}", mesh.db_public),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[&format!("cannot listen on 0.0.0.0:{}", mesh.db_public)],
     )
     .await;
 }
@@ -184,9 +173,10 @@ async fn a_taken_public_port_exits_1_naming_the_address() {
 async fn a_taken_upstream_port_exits_1_naming_the_address() {
     let mesh = Mesh::new().await;
     let _taken = std::net::TcpListener::bind(("127.0.0.1", mesh.web_upstream)).unwrap();
+    let args = mesh.args("web-sidecar-proxy");
     exits_1_saying(
-        &mesh.args("web-sidecar-proxy"),
-        &format!("cannot listen on 127.0.0.1:{}", mesh.web_upstream),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[&format!("cannot listen on 127.0.0.1:{}", mesh.web_upstream)],
     )
     .await;
 }

@@ -243,6 +243,24 @@ impl ProxyProcess {
     }
 }
 
+/// Starts a proxy with `args`, expects exit code 1, and that its logs contain every one of
+/// `needles`.
+pub async fn exits_1_saying(args: &[&str], needles: &[&str]) {
+    let mut p = ProxyProcess::spawn(args, &[]);
+    assert_eq!(p.wait_exit(DEADLINE).await.code(), Some(1), "{}", p.logs());
+    let logs = p.logs();
+    for needle in needles {
+        assert!(logs.contains(needle), "{needle:?} missing from:\n{logs}");
+    }
+}
+
+/// Sends back everything read from `stream` until EOF, then half-closes it.
+pub async fn echo_until_eof<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(stream: S) {
+    let (mut r, mut w) = tokio::io::split(stream);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
 /// What a [`recording_app`] saw on one connection: the bytes it read, and how the stream
 /// ended (`Ok` for an orderly EOF, the error for a reset).
 pub type Recorded = (Vec<u8>, std::io::Result<()>);
@@ -296,15 +314,11 @@ impl EchoServer {
         let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else {
+                let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
+                tokio::spawn(echo_until_eof(s));
             }
         });
         EchoServer {
