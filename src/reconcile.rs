@@ -521,15 +521,12 @@ impl Listeners {
         old_upstream: BindAddr,
         new_upstream: UpstreamSpec,
     ) {
-        // `find_exchange` found both in the plan of what runs; check without taking either.
+        // `find_exchange` found both in the plan of what runs; check before taking either.
         if self.public.is_none() || !self.upstreams.contains_key(&old_upstream) {
             return;
         }
-        let (Some(old_public), Some(old_up)) =
-            (self.public.take(), self.upstreams.remove(&old_upstream))
-        else {
-            return;
-        };
+        let old_public = self.public.take().expect("checked above");
+        let old_up = self.upstreams.remove(&old_upstream).expect("checked above");
         let previous_public = (**old_public.settings.borrow()).clone();
         let (public_closed, upstream_closed) = (
             old_public.handle.closed.clone(),
