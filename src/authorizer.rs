@@ -151,7 +151,20 @@ impl Authorizer {
         let probe = SpiffeId::new(&trust_domain, "", "", &self.inner.datacenter, probe_name);
         let local = self.decide_cached(&probe);
         if matches!(local.reason, Reason::Intention(_) | Reason::L7Intention(_)) {
-            // A wildcard intention covers every caller: the default cannot matter right now.
+            // A wildcard intention covers every caller: the default cannot matter right now,
+            // and cannot be re-learned while the wildcard hides it. Forget it, so that when
+            // the wildcard goes, unmatched callers are referred to the agent rather than
+            // decided by a default that may have changed meanwhile.
+            if self
+                .inner
+                .default
+                .send_if_modified(|current| current.take().is_some())
+            {
+                tracing::info!(
+                    rule = %local.reason,
+                    "a wildcard intention hides the agent's default policy; forgotten until it goes"
+                );
+            }
             return;
         }
         match self.ask_agent(&probe, "00").await {
@@ -171,7 +184,8 @@ impl Authorizer {
 
     fn learn_default(&self, resp: &api::AuthorizeResponse) {
         // The agent says which rule decided; only a default answer teaches the default.
-        if resp.reason.starts_with("Matched") {
+        if !is_default_reason(&resp.reason) {
+            tracing::debug!(reason = %resp.reason, "not a default-policy answer; default not learned");
             return;
         }
         let policy = if resp.authorized {
@@ -202,5 +216,32 @@ impl Authorizer {
                 client_cert_serial: serial.to_owned(),
             })
             .await
+    }
+}
+
+/// Whether an `authorize` answer's `Reason` says the agent's default decided (Consul 1.14:
+/// "Default behavior configured by ACLs"; later versions also "Default intention policy").
+/// `Reason` is free text, so only these known openings teach the default: an answer worded in
+/// a way this does not know is never taken as the default for every unmatched caller.
+fn is_default_reason(reason: &str) -> bool {
+    reason.starts_with("Default behavior") || reason.starts_with("Default intention policy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_default_wordings_teach_the_default() {
+        assert!(is_default_reason("Default behavior configured by ACLs"));
+        assert!(is_default_reason("Default intention policy"));
+        for other in [
+            "Matched L4 intention: default/web => default/db (Precedence: 9, Action: ALLOW)",
+            "matches intention XXX",
+            "Intention matched: web => db",
+            "",
+        ] {
+            assert!(!is_default_reason(other), "{other:?}");
+        }
     }
 }

@@ -89,6 +89,52 @@ async fn unmatched_caller_is_denied_when_the_default_is_deny() {
     assert_eq!(mesh.echo.accepted(), 1);
 }
 
+/// While a wildcard intention covers every caller the default cannot be re-learned; if it
+/// changes meanwhile, the old one must not decide once the wildcard goes. The agent's answers
+/// are slowed so that a stale default, had it been kept, would decide before the re-probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_hidden_by_a_wildcard_is_not_reused_after_the_wildcard_goes() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    db.wait_log("learned the agent's default intention policy policy=Allow")
+        .await;
+    let web_allow = intention_json("web", "db", "allow", 9);
+    mesh.agent.set_intentions(
+        "db",
+        vec![web_allow.clone(), intention_json("*", "db", "deny", 8)],
+    );
+    db.wait_log("a wildcard intention hides the agent's default policy")
+        .await;
+    mesh.agent.set_default_allow(false);
+    mesh.agent.set_path_fault(
+        "POST /v1/agent/connect/authorize",
+        Fault::Delay(std::time::Duration::from_secs(2)),
+    );
+    let published = || {
+        db.logs()
+            .matches("agent watch published a new value watch=\"intentions\"")
+            .count()
+    };
+    let before = published();
+    assert!(
+        before > 0,
+        "the log line this test waits on:\n{}",
+        db.logs()
+    );
+    mesh.agent.set_intentions("db", vec![web_allow]);
+    eventually("the wildcard's removal reaches db", DEADLINE, || async {
+        (published() > before).then_some(())
+    })
+    .await;
+    assert!(
+        !echoes(mesh.db_public, Some(&mesh.ca.leaf("api", "dc1"))).await,
+        "an unmatched caller is decided by the agent's current default (deny)"
+    );
+    assert_eq!(mesh.echo.accepted(), 0);
+    db.wait_log("learned the agent's default intention policy policy=Deny")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_caller_is_denied_when_nobody_knows_the_default() {
     let mesh = Mesh::new().await;
