@@ -227,6 +227,9 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
     // the select drops the splice with whatever it had read but not yet written, and a FIN
     // would let the app take a stream cut short for a complete one.
     let orderly = tokio::select! {
+        // Closes first: a connection closed between the checks above and here must not
+        // pass a single byte (a TLS 1.3 client's first data may already be buffered).
+        biased;
         _ = kill.cancelled() => {
             tracing::debug!("connection cut by shutdown");
             false

@@ -149,6 +149,9 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
     ctx.metrics.upstream_connected.inc();
     tracing::debug!(endpoint = %ep.authority(), resumed, "upstream connected");
     let orderly = tokio::select! {
+        // Closes first: a connection closed between the checks above and here must not
+        // pass a single byte (a TLS 1.3 client's first data may already be buffered).
+        biased;
         _ = kill.cancelled() => {
             tracing::debug!("connection cut by shutdown");
             false
