@@ -86,8 +86,17 @@ pub struct Args {
     #[arg(long = "log-level", value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
 
-    /// Log as JSON lines.
-    #[arg(long = "log-json")]
+    /// Log as JSON lines. Takes an optional value as Go's boolean flags do
+    /// (`-log-json=false`), so units written for Consul's own proxy keep working.
+    #[arg(
+        long = "log-json",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "false",
+        value_name = "BOOL",
+        value_parser = go_bool
+    )]
     pub log_json: bool,
 
     /// `off` relaxes the check that a peer's SPIFFE ID is in our trust domain, for CA
@@ -170,6 +179,15 @@ impl Args {
     }
 }
 
+/// A boolean as Go's `strconv.ParseBool` (and so Consul's flags) accepts it.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
 /// Rewrites Consul-style `-flag` / `-flag=value` into clap's `--flag` form.
 ///
 /// Only names of real long flags are rewritten, and never an argument that is the value of the
@@ -186,7 +204,8 @@ where
             _ => cmd
                 .get_arguments()
                 .find(|a| a.get_long() == Some(name))
-                .map(|a| a.get_action().takes_values()),
+                // A flag whose value must follow `=` never takes the next argument.
+                .map(|a| a.get_action().takes_values() && !a.is_require_equals_set()),
         }
     };
     let mut out = Vec::new();
@@ -257,6 +276,22 @@ mod tests {
         let a = parse(&["-sidecar-for", "web", "-token", "-log-json"]).unwrap();
         assert_eq!(a.token.as_deref(), Some("-log-json"));
         assert!(!a.log_json);
+    }
+
+    #[test]
+    fn log_json_takes_an_optional_go_boolean() {
+        assert!(parse(&["-log-json", "-proxy-id", "a"]).unwrap().log_json);
+        let a = parse(&["-log-json", "-proxy-id", "a"]).unwrap();
+        assert_eq!(
+            a.proxy_id.as_deref(),
+            Some("a"),
+            "the next flag is not its value"
+        );
+        assert!(parse(&["-log-json=true"]).unwrap().log_json);
+        assert!(parse(&["--log-json=T"]).unwrap().log_json);
+        assert!(!parse(&["-log-json=false"]).unwrap().log_json);
+        assert!(!parse(&["-proxy-id", "a"]).unwrap().log_json);
+        assert_eq!(parse(&["-log-json=yes"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

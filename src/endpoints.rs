@@ -9,7 +9,7 @@ use crate::spiffe::SpiffeId;
 pub const MAX_ATTEMPTS: usize = 3;
 
 /// One dialable instance.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
     /// Host (IP or name) to dial.
     pub host: String,
@@ -51,8 +51,12 @@ impl Endpoints {
     /// Check status is not looked at: the agent has already chosen (`?passing` for a service,
     /// the query's own `OnlyPassing` and `IgnoreCheckIDs` for a prepared query, which keeps
     /// `warning` instances by default).
+    ///
+    /// The list is sorted: a prepared query shuffles its results on every execution, and an
+    /// unchanged set must compare equal so that it is not republished.
     pub fn from_health(entries: &[api::CheckServiceNode]) -> Self {
-        let list = entries.iter().filter_map(endpoint).collect();
+        let mut list: Vec<Endpoint> = entries.iter().filter_map(endpoint).collect();
+        list.sort();
         Endpoints { list }
     }
 }
@@ -158,6 +162,17 @@ mod tests {
         ignored.checks[0].status = "critical".into();
         let eps = Endpoints::from_health(&[warning, ignored]);
         assert_eq!(eps.list.len(), 2);
+    }
+
+    #[test]
+    fn the_same_set_in_another_order_is_equal() {
+        let a = entry("connect-proxy", "db", false, "10.0.0.1", "", 21000);
+        let b = entry("connect-proxy", "db", false, "10.0.0.2", "", 21000);
+        assert_eq!(
+            Endpoints::from_health(&[a.clone(), b.clone()]),
+            Endpoints::from_health(&[b, a]),
+            "a shuffled prepared-query answer is not a change"
+        );
     }
 
     #[test]

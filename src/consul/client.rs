@@ -27,7 +27,7 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Indexed<T> {
     /// The decoded body.
     pub value: T,
-    /// The `X-Consul-Index` header (0 if absent).
+    /// The `X-Consul-Index` header.
     pub index: u64,
 }
 
@@ -265,7 +265,11 @@ impl ConsulClient {
         datacenter: Option<&str>,
     ) -> Result<api::PreparedQueryResponse, ConsulError> {
         let mut url = self.url(&["v1", "query", name, "execute"]);
-        url.query_pairs_mut().append_pair("connect", "true");
+        // `stale`, as Consul's own proxy asks: any server may answer, so polling every
+        // upstream of every proxy does not all land on the leader.
+        url.query_pairs_mut()
+            .append_pair("connect", "true")
+            .append_key_only("stale");
         if let Some(dc) = datacenter {
             url.query_pairs_mut().append_pair("dc", dc);
         }
@@ -323,13 +327,12 @@ impl ConsulClient {
         let (value, headers) = self
             .call(Method::GET, url, ep, blocking_timeout(q.wait), None)
             .await?;
-        let index = match header_str(&headers, "X-Consul-Index") {
-            Some(v) => v.parse().map_err(|_| ConsulError::Protocol {
+        let index = parse_index(header_str(&headers, "X-Consul-Index")).map_err(|what| {
+            ConsulError::Protocol {
                 endpoint: ep.what.clone(),
-                what: format!("malformed X-Consul-Index {v:?}"),
-            })?,
-            None => 0,
-        };
+                what,
+            }
+        })?;
         Ok(Indexed { value, index })
     }
 
@@ -515,6 +518,18 @@ fn header_str<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The blocking index from an `X-Consul-Index` header. The agent sends it on every blocking
+/// endpoint: without it the cursor would fall back to 0 and the watch would spin on
+/// non-blocking reads, so a missing header is a protocol fault like a malformed one.
+fn parse_index(header: Option<&str>) -> Result<u64, String> {
+    match header {
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("malformed X-Consul-Index {v:?}")),
+        None => Err("response without X-Consul-Index".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,6 +538,17 @@ mod tests {
     fn blocking_timeout_exceeds_wait_plus_jitter() {
         let wait = Duration::from_secs(300);
         assert!(blocking_timeout(wait) > wait + wait / 16);
+    }
+
+    #[test]
+    fn index_header_is_required_and_numeric() {
+        assert_eq!(parse_index(Some("42")), Ok(42));
+        assert!(parse_index(Some("4x")).unwrap_err().contains("malformed"));
+        assert!(
+            parse_index(None)
+                .unwrap_err()
+                .contains("without X-Consul-Index")
+        );
     }
 
     #[test]
