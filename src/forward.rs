@@ -98,8 +98,8 @@ struct Pump {
     read_done: bool,
     done: bool,
     total: u64,
-    /// A read error that came after data in the same batch: reported once that data is
-    /// written, so that bytes the peer sent before failing are not lost.
+    /// A read error: reported once everything read before it is written and flushed, so
+    /// that bytes the peer sent before failing are not lost.
     deferred: Option<io::Error>,
 }
 
@@ -195,7 +195,6 @@ impl Pump {
                         break;
                     }
                     Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) if buf.filled().is_empty() => return Err(e),
                     Poll::Ready(Err(e)) => {
                         self.deferred = Some(e);
                         break;
@@ -205,6 +204,12 @@ impl Pump {
             }
             let data = buf.filled();
             if data.is_empty() {
+                // A read error is reported only after what earlier reads handed the writer
+                // is flushed (`poll` does that for a deferred error): a TLS writer may still
+                // hold the previous batch when the next read fails.
+                if self.deferred.is_some() {
+                    return Ok(Progress::Moved);
+                }
                 return Ok(if eof {
                     Progress::Eof
                 } else {
@@ -502,6 +507,108 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"last words", "the bytes before it were delivered");
+    }
+
+    /// Reads: data, then "not ready" once (waking itself), then an error.
+    struct DataThenLaterError(std::collections::VecDeque<Option<io::Result<Vec<u8>>>>);
+
+    impl AsyncRead for DataThenLaterError {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(Some(Ok(data))) => {
+                    buf.put_slice(&data);
+                    Poll::Ready(Ok(()))
+                }
+                Some(Some(Err(e))) => Poll::Ready(Err(e)),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for DataThenLaterError {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer that, like a TLS stream, takes writes into its own buffer and passes them on
+    /// only when flushed; its first flush cannot finish (the socket under it is full).
+    #[derive(Default)]
+    struct Buffering {
+        held: Vec<u8>,
+        delivered: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl AsyncRead for Buffering {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(b);
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            if self.flushes == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let held = std::mem::take(&mut self.held);
+            self.delivered.extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_held_by_the_writer_are_flushed_before_a_later_read_error() {
+        let mut peer = DataThenLaterError(
+            [
+                Some(Ok(b"held by TLS".to_vec())),
+                None,
+                Some(Err(io::ErrorKind::ConnectionReset.into())),
+            ]
+            .into(),
+        );
+        let mut app = Buffering::default();
+        let r = splice(&mut peer, &mut app, &Counters::default()).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            app.delivered, b"held by TLS",
+            "the earlier batch was flushed before the error ended the splice"
+        );
     }
 
     #[tokio::test]

@@ -182,7 +182,7 @@ async fn attempt(
         let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
             .await
             .map_err(AttemptError::Connect)?;
-        let _ = tcp.set_nodelay(true);
+        crate::net::tune_tcp(&tcp);
         // No SNI: Connect sidecars do not need it. rustls sends none for an IP server name.
         let name = match ep.host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),

@@ -133,3 +133,70 @@ async fn worker_threads_carry_traffic_enforce_and_drain() {
         Some(0)
     );
 }
+
+/// Every TCP connection the proxies accept or dial has keepalive armed, so a peer that
+/// vanishes without a FIN or reset (crashed node, expired NAT entry) frees its connection.
+/// Read from the kernel's own table: an idle established socket with keepalive has its
+/// keepalive timer pending (`tr` 2 in `/proc/net/tcp`), one without has no timer (0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxied_socket_has_tcp_keepalive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    let mut open = open_echoing(mesh.web_upstream).await;
+    open.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    open.read_exact(&mut buf).await.unwrap();
+
+    // (which socket, local port, remote port): the proxies' ends of each hop.
+    let sockets = [
+        (
+            "web, accepted from the local client",
+            Some(mesh.web_upstream),
+            None,
+        ),
+        ("web, dialled to db", None, Some(mesh.db_public)),
+        ("db, accepted from web", Some(mesh.db_public), None),
+        ("db, dialled to the app", None, Some(mesh.echo.port)),
+    ];
+    crate::support::eventually(
+        "keepalive timers on every proxy socket",
+        crate::support::DEADLINE,
+        || async {
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            let timers: Vec<_> = sockets
+                .iter()
+                .map(|(what, local, remote)| (*what, timer_of(&table, *local, *remote)))
+                .collect();
+            let armed = timers.iter().all(|(_, t)| *t == Some(2));
+            if !armed {
+                eprintln!("timers so far (2 = keepalive): {timers:?}");
+            }
+            armed.then_some(())
+        },
+    )
+    .await;
+}
+
+/// The `tr` (active timer) of the one established loopback socket with the given local or
+/// remote port in a `/proc/net/tcp` table; `None` if there is not exactly one.
+fn timer_of(table: &str, local: Option<u16>, remote: Option<u16>) -> Option<u8> {
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    let matching: Vec<u8> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (l, r, state, timer) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(5)?);
+            let wanted = (local.is_none() || port(l) == local)
+                && (remote.is_none() || port(r) == remote)
+                && *state == "01";
+            wanted.then(|| u8::from_str_radix(timer.split(':').next()?, 16).ok())?
+        })
+        .collect();
+    match matching.as_slice() {
+        [t] => Some(*t),
+        _ => None,
+    }
+}
