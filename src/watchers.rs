@@ -12,7 +12,7 @@ use crate::consul::watch::{self, Hash, Index, Subscriber, WatchSettings};
 use crate::consul::{Blocking, ConsulClient};
 use crate::endpoints::Endpoints;
 use crate::proxy_config::{Defaults, Destination, HostNames, ProxyConfig, UpstreamSpec};
-use crate::tls::{Leaf, TrustBundle};
+use crate::tls::{Leaf, TrustBundle, next_revalidation};
 
 /// Watch names, as logs and the admin endpoint show them.
 const ROOTS: &str = "roots";
@@ -72,6 +72,10 @@ pub fn spawn_roots(
 }
 
 /// Watches our leaf certificate (issued for the service name we front).
+///
+/// Besides the blocking query, a safety net: once the agent is overdue renewing the current
+/// leaf, it is also read without blocking now and then, which makes the agent re-issue it
+/// once expired (see [`next_revalidation`]).
 pub fn spawn_leaf(
     client: ConsulClient,
     service: String,
@@ -79,11 +83,15 @@ pub fn spawn_leaf(
     cancel: CancellationToken,
 ) -> Subscriber<Leaf> {
     let (tx, rx) = channel(None);
+    let current = rx.clone();
+    // (serial, when) of the last non-blocking read for the current leaf.
+    let mut revalidated: Option<(String, i64)> = None;
     tokio::spawn(async move {
         watch::run(LEAF, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
             let service = service.clone();
-            let q = blocking(index, &settings);
+            let leaf = current.borrow().clone();
+            let q = leaf_query(index, &settings, leaf.as_deref(), &mut revalidated);
             async move {
                 let r = client.ca_leaf(&service, q).await?;
                 Ok((Index(r.index), Leaf::from_api(&r.value, &service)))
@@ -92,6 +100,53 @@ pub fn spawn_leaf(
         .await
     });
     rx
+}
+
+/// `wait` for leaf reads at index 0: they do not block, except through an agent fault where
+/// a non-blocking read after a cancelled blocking one blocked (hashicorp/consul#12048).
+const LEAF_NON_BLOCKING_WAIT: Duration = Duration::from_secs(10);
+
+/// The next leaf query: blocking from `index`, but not past the next revalidation of the
+/// current leaf, which is a non-blocking read.
+fn leaf_query(
+    index: Index,
+    settings: &WatchSettings,
+    leaf: Option<&Leaf>,
+    revalidated: &mut Option<(String, i64)>,
+) -> Blocking {
+    let mut q = blocking(index, settings);
+    if let Some(leaf) = leaf {
+        let now = unix_now();
+        let last = revalidated
+            .as_ref()
+            .filter(|(serial, _)| serial == leaf.serial())
+            .map(|(_, at)| *at);
+        let due = next_revalidation(leaf.renewal_overdue_at(), leaf.not_after_unix(), last);
+        if now >= due {
+            if last.is_none() {
+                tracing::warn!(
+                    serial = leaf.serial(),
+                    valid_before = leaf.valid_before(),
+                    "the agent has not renewed our leaf certificate by 90% of its lifetime; reading it without blocking until it does"
+                );
+            }
+            *revalidated = Some((leaf.serial().to_owned(), now));
+            q.index = 0;
+        } else {
+            let until_due = u64::try_from(due - now).unwrap_or(1).max(1);
+            q.wait = q.wait.min(Duration::from_secs(until_due));
+        }
+    }
+    if q.index == 0 {
+        q.wait = q.wait.min(LEAF_NON_BLOCKING_WAIT);
+    }
+    q
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Watches the intentions whose destination is `service`.

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use bundle::{TrustBundle, first_cert};
-pub use leaf::Leaf;
+pub use leaf::{Leaf, next_revalidation};
 pub use peer::{IdentityError, PeerIdentity};
 pub use resume::{ClientConfigs, EndpointTickets, MESH_ALPN};
 pub use verify::{

@@ -42,6 +42,37 @@ async fn new_leaf_is_used_by_new_handshakes_and_open_connections_survive() {
     );
 }
 
+/// The agent's background renewal stalls (blocking queries keep returning the old leaf):
+/// the proxy notices renewal is overdue, reads the leaf without blocking, and so gets the
+/// leaf the agent re-issues once the old one expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_leaf_renewal_is_caught_by_revalidating_after_expiry() {
+    use std::time::{Duration, SystemTime};
+    let mesh = Mesh::new().await;
+    let expiry = SystemTime::now() + Duration::from_secs(4);
+    // Issued an hour ago, so 90% of its lifetime has passed already.
+    mesh.agent
+        .set_leaf("db", &mesh.ca.leaf_expiring("db", "dc1", expiry));
+    let db = mesh.start_db().await;
+    db.wait_log("the agent has not renewed our leaf certificate by 90% of its lifetime")
+        .await;
+    let renewed = mesh.ca.leaf("db", "dc1");
+    mesh.agent
+        .set_leaf_on_revalidation("db", &renewed, expiry + Duration::from_secs(1));
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    eventually(
+        "a new handshake presents the re-issued leaf",
+        DEADLINE,
+        || async {
+            let s = tls_client::connect(mesh.db_public, Some(&web_leaf))
+                .await
+                .ok()?;
+            (serial_of(&server_cert(&s)) == renewed.serial).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_root_is_trusted_and_a_removed_one_is_not() {
     let mesh = Mesh::new().await;

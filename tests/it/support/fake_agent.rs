@@ -39,6 +39,9 @@ struct Data {
     services: BTreeMap<String, Value>,
     roots: Option<(Value, u64)>,
     leaves: HashMap<String, (Value, u64)>,
+    /// A leaf the agent issues only when asked without blocking after the given time (its
+    /// background renewal stalled; a non-blocking read revalidates an expired leaf).
+    renewals: HashMap<String, (super::pki::TestLeaf, std::time::SystemTime)>,
     intentions: HashMap<String, (Vec<Value>, u64)>,
     health: HashMap<String, (Vec<Value>, u64)>,
     queries: HashMap<String, Value>,
@@ -172,6 +175,19 @@ impl FakeAgent {
         self.update(|d, i| {
             d.leaves.insert(service, (leaf.json(i), i));
         });
+    }
+
+    /// Models an agent whose leaf renewal for `service` stalled: blocking queries keep the
+    /// current leaf, and `leaf` is issued by the first non-blocking read at or after `from`
+    /// (when the real agent finds its cached leaf expired and re-issues it).
+    pub fn set_leaf_on_revalidation(
+        &self,
+        service: &str,
+        leaf: &super::pki::TestLeaf,
+        from: std::time::SystemTime,
+    ) {
+        let mut d = self.shared.data.lock().unwrap();
+        d.renewals.insert(service.to_owned(), (leaf.clone(), from));
     }
 
     /// Sets the intentions whose destination is `service` (already in precedence order).
@@ -524,6 +540,21 @@ async fn leaf(
 ) -> Response {
     if let Some(r) = enter(&s, format!("GET /v1/agent/connect/ca/leaf/{service}")).await {
         return r;
+    }
+    if index_of(&q) == 0 {
+        let mut d = s.data.lock().unwrap();
+        let due = d
+            .renewals
+            .get(&service)
+            .is_some_and(|(_, from)| std::time::SystemTime::now() >= *from);
+        if due {
+            let (new, _) = d.renewals.remove(&service).unwrap();
+            d.index += 1;
+            let i = d.index;
+            d.leaves.insert(service.clone(), (new.json(i), i));
+            drop(d);
+            s.changed.send_replace(i);
+        }
     }
     match block(&s, index_of(&q), parse_wait(&q), |d| {
         d.leaves.get(&service).cloned()
