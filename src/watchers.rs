@@ -185,6 +185,8 @@ pub fn spawn_proxy_config(
     let (config, hash) = initial;
     let running = config.clone();
     let (tx, rx) = channel(Some(Arc::new(config)));
+    // Whether the agent last said our registration does not exist (deregistered).
+    let gone = std::sync::atomic::AtomicBool::new(false);
     tokio::spawn(async move {
         let read = Some(Hash(Some(hash)));
         watch::run_from(PROXY_CONFIG, &settings, tx, cancel, read, |cursor: Hash| {
@@ -194,10 +196,11 @@ pub fn spawn_proxy_config(
             let wait = settings.wait;
             let running = &running;
             let host_names = &host_names;
+            let gone = &gone;
             async move {
-                let (mut svc, hash) = client
-                    .agent_service(&proxy_id, hash.as_deref(), wait)
-                    .await?;
+                let answer = client.agent_service(&proxy_id, hash.as_deref(), wait).await;
+                note_registration_presence(gone, &proxy_id, &answer);
+                let (mut svc, hash) = answer?;
                 let resolved = host_names.resolve(&mut svc).await;
                 let converted = resolved
                     .and_then(|resolved| {
@@ -218,6 +221,28 @@ pub fn spawn_proxy_config(
         .await
     });
     rx
+}
+
+/// Logs once when our registration disappears from the agent (the generic "watch failing"
+/// warning would not say that the service was deregistered) and once when it is back.
+fn note_registration_presence<T>(
+    gone: &std::sync::atomic::AtomicBool,
+    proxy_id: &str,
+    answer: &Result<T, crate::consul::ConsulError>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match answer {
+        Err(e) if e.is_not_found() && !gone.swap(true, Relaxed) => {
+            tracing::error!(
+                %proxy_id,
+                "our registration was removed from the agent (deregistered?); serving the last configuration until it is registered again"
+            );
+        }
+        Ok(_) if gone.swap(false, Relaxed) => {
+            tracing::info!(%proxy_id, "our registration is back");
+        }
+        _ => {}
+    }
 }
 
 /// Watches the endpoints of one upstream: blocking health queries for services, periodic

@@ -313,3 +313,35 @@ async fn a_new_default_policy_after_an_agent_outage_is_learned_at_recovery() {
     db.wait_log("learned the agent's default intention policy policy=Deny")
         .await;
 }
+
+/// The proxy's registration is removed while it runs: it says so once, plainly, keeps
+/// serving its last configuration (fail static), and says so again when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistered_proxy_says_so_and_keeps_serving_its_last_configuration() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let _web = mesh.start_web().await;
+    mesh.agent.remove_service("db-sidecar-proxy");
+    db.wait_log("our registration was removed from the agent (deregistered?)")
+        .await;
+    // Two more failed reads, so that "once" below means once over several retries.
+    let asked = || mesh.agent.count("GET /v1/agent/service/db-sidecar-proxy");
+    let after_removal = asked();
+    crate::support::eventually("db asks twice more", DEADLINE, || async {
+        (asked() >= after_removal + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        round_trip(mesh.web_upstream, b"still served")
+            .await
+            .unwrap(),
+        b"still served"
+    );
+    mesh.set_db_app(mesh.echo.port);
+    db.wait_log("our registration is back").await;
+    assert_eq!(
+        db.logs().matches("our registration was removed").count(),
+        1,
+        "logged once, not per retry"
+    );
+}
