@@ -100,13 +100,11 @@ impl ConsulClient {
             }
             Transport::Tcp(authority) => match &config.tls.server_name {
                 Some(name) => {
-                    let addrs: Vec<_> = tokio::net::lookup_host(authority.as_str())
-                        .await
-                        .map_err(|e| {
-                            ConsulError::Setup(format!("cannot resolve {authority}: {e}"))
-                        })?
-                        .collect();
-                    builder = builder.resolve_to_addrs(name, &addrs);
+                    // The URL names the server name (for SNI and verification) and the
+                    // connection goes to the address given: resolved per connection, so a
+                    // name that does not resolve yet (DNS not up at boot) is retried like an
+                    // unreachable agent instead of failing start-up.
+                    builder = builder.dns_resolver(AgentAuthority(authority.clone()));
                     // Invariant: `AgentAddr::parse` always gives a TCP authority a port.
                     let (_, port) = authority.rsplit_once(':').expect("agent port");
                     format!("{name}:{port}")
@@ -516,6 +514,23 @@ pub fn blocking_timeout(wait: Duration) -> Duration {
 
 fn header_str<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Resolves every name the HTTP client asks for (only ever the `-tls-server-name`) to the
+/// agent's own `host:port`.
+struct AgentAuthority(String);
+
+impl reqwest::dns::Resolve for AgentAuthority {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let authority = self.0.clone();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host(authority.as_str())
+                .await
+                .map_err(|e| format!("cannot resolve {authority}: {e}"))?;
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.collect::<Vec<_>>().into_iter());
+            Ok(addrs)
+        })
+    }
 }
 
 /// The blocking index from an `X-Consul-Index` header. The agent sends it on every blocking
