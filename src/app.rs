@@ -98,6 +98,12 @@ pub async fn run(
                 source,
             })?;
         tracing::info!(addr = %local, "admin endpoint ready");
+        if !local.ip().is_loopback() {
+            tracing::warn!(
+                addr = %local,
+                "the admin endpoint is not on loopback: anyone who can reach it sees callers' identities, certificate serials and agent errors (it has no authentication)"
+            );
+        }
     }
 
     let started = tokio::select! {

@@ -295,3 +295,21 @@ async fn tls_handshake_counters_count_full_and_resumed_handshakes_between_proxie
         "both sides agree on each handshake's kind"
     );
 }
+
+/// The admin endpoint has no authentication: bound beyond loopback, the proxy says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_endpoint_beyond_loopback_is_warned_about() {
+    let mesh = Mesh::new().await;
+    let (wide, narrow) = (free_port(), free_port());
+    let warning = "the admin endpoint is not on loopback";
+    let db = mesh
+        .start_db_with(&["-admin-addr", &format!("0.0.0.0:{wide}")])
+        .await;
+    assert_eq!(admin_get(wide, "/ready").await.0, 200);
+    assert!(db.logs().contains(warning), "{}", db.logs());
+    let web = mesh
+        .start_web_with(&["-admin-addr", &format!("127.0.0.1:{narrow}")])
+        .await;
+    assert_eq!(admin_get(narrow, "/ready").await.0, 200);
+    assert!(!web.logs().contains(warning), "{}", web.logs());
+}
