@@ -64,6 +64,15 @@ pub fn is_secure(auxv: &[u8]) -> bool {
     })
 }
 
+/// Whether an executable path is glibc's dynamic loader (`ld-linux-x86-64.so.2`, `ld.so`).
+pub fn is_dynamic_loader(path: &std::path::Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        n.starts_with("ld-linux")
+            || n.starts_with("ld.so")
+            || (n.starts_with("ld-") && n.contains(".so"))
+    })
+}
+
 /// Re-executes the process with the threshold raised when it should (an AMD CPU, the
 /// threshold not set yet, not re-executed already, not in glibc's secure mode, where it
 /// ignores tunables). Returns only when nothing was to be done (`Ok`) or the re-exec failed
@@ -86,10 +95,18 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
     let Some(tunables) = tunables_with_threshold(current) else {
         return Ok(());
     };
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read /proc/cpuinfo: {e}")))?;
+    // Unreadable (a sandbox hiding it): treated as "not AMD", nothing to tune.
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return Ok(());
+    };
     if !is_amd(&cpuinfo) {
         return Ok(());
+    }
+    // Started through the dynamic loader (`ld-linux-x86-64.so.2 consul-proxy ...`):
+    // `/proc/self/exe` is the loader, which would take our first flag for the program.
+    match std::fs::read_link("/proc/self/exe") {
+        Ok(exe) if !is_dynamic_loader(&exe) => {}
+        _ => return Ok(()),
     }
     // Unreadable (no /proc): the re-exec could not work either.
     match std::fs::read("/proc/self/auxv") {
@@ -120,6 +137,26 @@ pub fn reexec_if_needed() -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dynamic_loader_is_recognised() {
+        use std::path::Path;
+        for loader in [
+            "/lib64/ld-linux-x86-64.so.2",
+            "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            "/lib/ld-2.36.so",
+            "/usr/bin/ld.so",
+        ] {
+            assert!(is_dynamic_loader(Path::new(loader)), "{loader}");
+        }
+        for program in [
+            "/usr/bin/consul-proxy",
+            "/opt/ld/consul-proxy",
+            "/usr/bin/ldd",
+        ] {
+            assert!(!is_dynamic_loader(Path::new(program)), "{program}");
+        }
+    }
 
     #[test]
     fn the_threshold_is_added_once_and_an_operator_value_wins() {
