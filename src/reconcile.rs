@@ -108,6 +108,43 @@ pub fn find_exchange(
     ))
 }
 
+/// A listener's move: its old address and its new one.
+type Move = (BindAddr, BindAddr);
+
+/// Whether `action` is what remains of one of the `undone` moves (moves on their own port that
+/// failed after stopping the old listener, which was then bound again).
+fn is_undone(undone: &[Move], action: &Action) -> bool {
+    match action {
+        Action::StartUpstream(spec) => undone.iter().any(|(_, new)| new == &spec.bind),
+        Action::StopUpstream(addr) => undone.iter().any(|(old, _)| old == addr),
+        Action::StartPublic(p) => undone.iter().any(|(_, new)| new == &BindAddr::Tcp(p.bind)),
+        _ => false,
+    }
+}
+
+/// What a reconciliation achieved, from the steps [`plan`] still finds afterwards: `Stuck` only
+/// when every one of them belongs to an `undone` move, whose old listener serves again.
+fn outcome(remaining: &[Action], undone: &[Move]) -> Outcome {
+    if remaining.is_empty() {
+        Outcome::Converged
+    } else if remaining.iter().all(|a| is_undone(undone, a)) {
+        Outcome::Stuck
+    } else {
+        Outcome::Retry
+    }
+}
+
+/// The moves of a failed exchange that wait for a registration change, from each move and
+/// whether its old listener was bound again. A move whose old address could not be bound again
+/// (another process took the port meanwhile) leaves that listener not running at all: it is
+/// not recorded, so the reconciler retries it with backoff rather than wait.
+fn undone_in_exchange(attempts: [(Move, bool); 2]) -> Vec<Move> {
+    attempts
+        .into_iter()
+        .filter_map(|(m, restored)| restored.then_some(m))
+        .collect()
+}
+
 /// Everything listeners and their connections share.
 pub struct Shared {
     /// Agent client (endpoint watches).
@@ -363,14 +400,7 @@ impl Listeners {
                 }
             }
         }
-        let remaining = plan(&self.running(), desired);
-        if remaining.is_empty() {
-            Outcome::Converged
-        } else if remaining.iter().all(|a| self.is_failed_swap(a)) {
-            Outcome::Stuck
-        } else {
-            Outcome::Retry
-        }
+        outcome(&plan(&self.running(), desired), &self.failed_swaps)
     }
 
     /// Binds every new upstream listener that can be bound before anything stops, so that a
@@ -559,30 +589,47 @@ impl Listeners {
             }
         }
         let old_public_addr = BindAddr::Tcp(previous_public.bind);
-        match bind_replacing(&old_public_addr, None, Some(&public_closed)).await {
-            Ok(l) => self.serve_public(l, previous_public),
-            Err(error) => {
-                tracing::error!(addr = %old_public_addr, %error, "cannot restore the previous public listener")
+        let public_back = match bind_replacing(&old_public_addr, None, Some(&public_closed)).await {
+            Ok(l) => {
+                self.serve_public(l, previous_public);
+                true
             }
-        }
-        match bind_replacing(
+            Err(error) => {
+                tracing::error!(addr = %old_public_addr, %error, "cannot restore the previous public listener");
+                false
+            }
+        };
+        let upstream_back = match bind_replacing(
             &old_up.spec.bind,
             old_up.spec.socket_mode,
             Some(&upstream_closed),
         )
         .await
         {
-            Ok(l) => self.start_upstream(l, old_up.spec.clone()),
-            Err(error) => {
-                tracing::error!(addr = %old_up.spec.bind, %error, "cannot restore the previous upstream listener")
+            Ok(l) => {
+                self.start_upstream(l, old_up.spec.clone());
+                true
             }
+            Err(error) => {
+                tracing::error!(addr = %old_up.spec.bind, %error, "cannot restore the previous upstream listener");
+                false
+            }
+        };
+        let undone = undone_in_exchange([
+            ((old_public_addr, new_public_addr), public_back),
+            (
+                (old_up.spec.bind.clone(), new_upstream.bind.clone()),
+                upstream_back,
+            ),
+        ]);
+        if public_back && upstream_back {
+            tracing::warn!(
+                "listeners kept at their previous ports; the exchange waits for a registration change"
+            );
+        } else {
+            tracing::warn!("a listener is missing after a failed exchange; it is retried");
         }
-        tracing::warn!(
-            "listeners kept at their previous ports; the exchange waits for a registration change"
-        );
-        self.failed_swaps.push((old_public_addr, new_public_addr));
-        self.failed_swaps
-            .push((old_up.spec.bind.clone(), new_upstream.bind.clone()));
+        self.failed_swaps.extend(undone);
     }
 
     /// A new public listener address: bound first, then the old one retires; on the same port
@@ -607,17 +654,7 @@ impl Listeners {
 
     /// Whether `action` is what remains of a move on its own port that was undone.
     fn is_failed_swap(&self, action: &Action) -> bool {
-        match action {
-            Action::StartUpstream(spec) => {
-                self.failed_swaps.iter().any(|(_, new)| new == &spec.bind)
-            }
-            Action::StopUpstream(addr) => self.failed_swaps.iter().any(|(old, _)| old == addr),
-            Action::StartPublic(p) => self
-                .failed_swaps
-                .iter()
-                .any(|(_, new)| new == &BindAddr::Tcp(p.bind)),
-            _ => false,
-        }
+        is_undone(&self.failed_swaps, action)
     }
 
     /// Serves a freshly bound upstream listener with its own endpoint watch.
@@ -957,5 +994,37 @@ mod tests {
             None,
             "no public listener running"
         );
+    }
+
+    /// After an exchange that failed, the listeners that are back at their old addresses wait
+    /// for a registration change; one that could not be bound again (nothing serves there) is
+    /// retried, however the rest of the plan looks.
+    #[test]
+    fn an_exchange_whose_old_listener_is_not_back_is_retried_not_stuck() {
+        let before = config(Some(public(21000, 8080)), vec![upstream("db", 9191)]);
+        let traded = config(Some(public(9191, 8080)), vec![upstream("db", 21000)]);
+        let public_move = (
+            BindAddr::Tcp(public(21000, 8080).bind),
+            BindAddr::Tcp(public(9191, 8080).bind),
+        );
+        let upstream_move = (upstream("db", 9191).bind, upstream("db", 21000).bind);
+        let after = |public_back: bool, upstream_back: bool| {
+            let mut now = running(&before);
+            if !public_back {
+                now.public = None;
+            }
+            if !upstream_back {
+                now.upstreams.clear();
+            }
+            let undone = undone_in_exchange([
+                (public_move.clone(), public_back),
+                (upstream_move.clone(), upstream_back),
+            ]);
+            outcome(&plan(&now, &traded), &undone)
+        };
+        assert_eq!(after(true, true), Outcome::Stuck, "both back: wait");
+        assert_eq!(after(false, true), Outcome::Retry, "no public listener");
+        assert_eq!(after(true, false), Outcome::Retry, "no upstream listener");
+        assert_eq!(after(false, false), Outcome::Retry, "neither");
     }
 }
