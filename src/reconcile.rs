@@ -2,10 +2,12 @@
 //! running ones. [`plan`] is the pure diff; [`Listeners`] carries it out, touching only what
 //! changed: a listener whose settings changed keeps its socket and its connections and serves
 //! new connections with the new settings; a removed or moved listener stops accepting and its
-//! connections drain for up to the drain timeout.
+//! connections drain for up to the drain timeout (unless a failed move on its own port put it
+//! back, with its connections).
+
+mod listener;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +23,13 @@ use crate::consul::watch::{Subscriber, WatchSettings};
 use crate::endpoints::Endpoints;
 use crate::inbound::{self, InboundContext};
 use crate::metrics::Metrics;
-use crate::net::{self, Listener};
+use crate::net::Listener;
 use crate::outbound::{self, UpstreamContext, UpstreamTarget};
 use crate::proxy_config::{BindAddr, ProxyConfig, PublicListener, UpstreamSpec, binds_conflict};
 use crate::spiffe::TrustDomainPolicy;
 use crate::tls::TlsConfigs;
 use crate::watchers;
+use listener::{Closing, Conns, ListenerHandle};
 
 /// One step of a reconciliation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,7 +168,8 @@ pub struct Shared {
     pub trust_domain: TrustDomainPolicy,
     /// How long a stopped listener's connections may drain before they are cut.
     pub drain_timeout: Duration,
-    /// Tracks every listener's life (accepting, then draining its own connections).
+    /// Tracks every listener's life (accepting, then draining its connections unless a
+    /// listener bound again in its place took them over).
     pub tracker: TaskTracker,
     /// Parent of every endpoint watch.
     pub background: CancellationToken,
@@ -187,12 +191,6 @@ struct RunningUpstream {
     target: watch::Sender<Arc<UpstreamTarget>>,
     endpoints_cancel: CancellationToken,
     handle: ListenerHandle,
-}
-
-struct ListenerHandle {
-    stop: CancellationToken,
-    /// Cancelled once the listening socket is closed (after `stop`).
-    closed: CancellationToken,
 }
 
 /// How long a replacement waits for the listener it replaces on the same port to let go.
@@ -256,8 +254,8 @@ pub enum Outcome {
     /// address not configured yet): try again.
     Retry,
     /// What remains are moves on their own port that failed after stopping a working
-    /// listener and were undone: repeating them would cut its connections each time, so they
-    /// wait for the next registration change.
+    /// listener and were undone: repeating them would close its socket each time (new
+    /// connections refused meanwhile), so they wait for the next registration change.
     Stuck,
 }
 
@@ -322,11 +320,15 @@ impl Listeners {
         let mut bound = bound.into_iter();
         if let Some(public) = &config.public {
             // Invariant: one listener was bound above for the public listener.
-            self.serve_public(bound.next().expect("bound public listener"), public.clone());
+            self.serve_public(
+                bound.next().expect("bound public listener"),
+                public.clone(),
+                Conns::new(),
+            );
         }
         for (spec, (eps, cancel)) in config.upstreams.iter().zip(endpoints) {
             let listener = bound.next().expect("bound upstream listener");
-            self.serve_upstream(listener, spec.clone(), eps, cancel);
+            self.serve_upstream(listener, spec.clone(), eps, cancel, Conns::new());
         }
         Ok(())
     }
@@ -354,15 +356,15 @@ impl Listeners {
             actions.retain(|a| !self.is_failed_swap(a));
         }
         let mut prepared = self.prepare_upstreams(&actions).await;
-        // Upstream listeners stopped by this reconciliation, in case a listener moving on its
-        // port must wait for the old socket or put it back.
-        let mut retired: Vec<(UpstreamSpec, CancellationToken)> = Vec::new();
+        // Upstream listeners stopped by this reconciliation whose port a listener moving on it
+        // needs: it waits for the old socket, and may have to put the old listener back.
+        let mut retired: Vec<(UpstreamSpec, Closing)> = Vec::new();
         for action in actions {
             match action {
                 Action::StartUpstream(spec) => {
                     if let Some(l) = prepared.bound.remove(&spec.bind) {
                         tracing::info!(action = "start upstream", addr = %spec.bind, "reconfiguring");
-                        self.start_upstream(l, spec);
+                        self.start_upstream(l, spec, Conns::new());
                     } else if prepared.swaps.contains(&spec.bind) {
                         tracing::info!(action = "move upstream on its port", addr = %spec.bind, "reconfiguring");
                         self.swap_upstream(spec, &mut retired).await;
@@ -374,8 +376,11 @@ impl Listeners {
                     tracing::info!(action = "stop upstream", %addr, "reconfiguring");
                     if let Some(old) = self.upstreams.remove(&addr) {
                         old.endpoints_cancel.cancel();
-                        retired.push((old.spec, old.handle.closed.clone()));
-                        self.retire(old.handle, "upstream");
+                        if prepared.swaps.iter().any(|new| binds_conflict(&addr, new)) {
+                            retired.push((old.spec, self.close(old.handle, "upstream")));
+                        } else {
+                            self.retire(old.handle, "upstream");
+                        }
                     }
                 }
                 Action::UpdateUpstream(spec) => {
@@ -400,6 +405,8 @@ impl Listeners {
                 }
             }
         }
+        // Stopped listeners that no move put back: their connections drain from now on.
+        drop(retired);
         outcome(&plan(&self.running(), desired), &self.failed_swaps)
     }
 
@@ -433,8 +440,8 @@ impl Listeners {
                     .failed_swaps
                     .contains(&(old.clone(), spec.bind.clone()))
                 {
-                    // Tried and undone already: doing it again would cut the old listener's
-                    // connections each time. It waits for a new registration.
+                    // Tried and undone already: doing it again would close the old listener's
+                    // socket each time. It waits for a new registration.
                     prepared.kept.push(old.clone());
                     continue;
                 }
@@ -482,31 +489,35 @@ impl Listeners {
     async fn swap_upstream(
         &mut self,
         spec: UpstreamSpec,
-        retired: &mut Vec<(UpstreamSpec, CancellationToken)>,
+        retired: &mut Vec<(UpstreamSpec, Closing)>,
     ) {
         let previous = retired
             .iter()
-            .position(|(old, _)| binds_conflict(&old.bind, &spec.bind));
-        let closed = previous.map(|i| &retired[i].1);
-        let error = match bind_replacing(&spec.bind, spec.socket_mode, closed).await {
-            Ok(l) => return self.start_upstream(l, spec),
+            .position(|(old, _)| binds_conflict(&old.bind, &spec.bind))
+            .map(|i| retired.swap_remove(i));
+        let closed = previous.as_ref().map(|(_, old)| old.closed());
+        let bound = bind_replacing(&spec.bind, spec.socket_mode, closed).await;
+        let error = match bound {
+            // The old listener's connections drain (`previous` is dropped).
+            Ok(l) => return self.start_upstream(l, spec, Conns::new()),
             Err(error) => error,
         };
         tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
-        let Some(i) = previous else {
+        let Some((old, closing)) = previous else {
             return;
         };
-        let (old, closed) = retired.swap_remove(i);
-        match bind_replacing(&old.bind, old.socket_mode, Some(&closed)).await {
+        let bound = bind_replacing(&old.bind, old.socket_mode, Some(closing.closed())).await;
+        match bound {
             Ok(l) => {
                 // Not retried on the timer: it would stop this listener again every time.
                 // (A failed restore is retried: then nothing serves this upstream.)
                 self.failed_swaps
                     .push((old.bind.clone(), spec.bind.clone()));
                 tracing::warn!(addr = %old.bind, "upstream listener kept at its previous address; the move waits for a registration change");
-                self.start_upstream(l, old);
+                self.start_upstream(l, old, closing.hand_over());
             }
             Err(error) => {
+                // Its connections drain (`closing` is dropped).
                 tracing::error!(addr = %old.bind, %error, "cannot restore the previous upstream listener")
             }
         }
@@ -543,8 +554,9 @@ impl Listeners {
     }
 
     /// See [`find_exchange`]: stops both old listeners, waits for their sockets, binds both
-    /// new ones. If either bind fails, both old addresses are bound again and the exchange
-    /// waits for a registration change (as a failed move on one port does).
+    /// new ones. If either bind fails, both old addresses are bound again, each with the
+    /// connections it had, and the exchange waits for a registration change (as a failed move
+    /// on one port does).
     async fn exchange(
         &mut self,
         public: PublicListener,
@@ -558,25 +570,23 @@ impl Listeners {
         let old_public = self.public.take().expect("checked above");
         let old_up = self.upstreams.remove(&old_upstream).expect("checked above");
         let previous_public = (**old_public.settings.borrow()).clone();
-        let (public_closed, upstream_closed) = (
-            old_public.handle.closed.clone(),
-            old_up.handle.closed.clone(),
-        );
         old_up.endpoints_cancel.cancel();
-        self.retire(old_public.handle, "public");
-        self.retire(old_up.handle, "upstream");
+        let public_closing = self.close(old_public.handle, "public");
+        let upstream_closing = self.close(old_up.handle, "upstream");
         let new_public_addr = BindAddr::Tcp(public.bind);
         let bound_upstream = bind_replacing(
             &new_upstream.bind,
             new_upstream.socket_mode,
-            Some(&public_closed),
+            Some(public_closing.closed()),
         )
         .await;
-        let bound_public = bind_replacing(&new_public_addr, None, Some(&upstream_closed)).await;
+        let bound_public =
+            bind_replacing(&new_public_addr, None, Some(upstream_closing.closed())).await;
         match (bound_public, bound_upstream) {
             (Ok(p), Ok(u)) => {
-                self.serve_public(p, public);
-                self.start_upstream(u, new_upstream);
+                self.serve_public(p, public, Conns::new());
+                self.start_upstream(u, new_upstream, Conns::new());
+                // The old listeners' connections drain (both `Closing`s are dropped).
                 return;
             }
             (p, u) => {
@@ -589,9 +599,10 @@ impl Listeners {
             }
         }
         let old_public_addr = BindAddr::Tcp(previous_public.bind);
-        let public_back = match bind_replacing(&old_public_addr, None, Some(&public_closed)).await {
+        let bound = bind_replacing(&old_public_addr, None, Some(public_closing.closed())).await;
+        let public_back = match bound {
             Ok(l) => {
-                self.serve_public(l, previous_public);
+                self.serve_public(l, previous_public, public_closing.hand_over());
                 true
             }
             Err(error) => {
@@ -599,15 +610,15 @@ impl Listeners {
                 false
             }
         };
-        let upstream_back = match bind_replacing(
+        let bound = bind_replacing(
             &old_up.spec.bind,
             old_up.spec.socket_mode,
-            Some(&upstream_closed),
+            Some(upstream_closing.closed()),
         )
-        .await
-        {
+        .await;
+        let upstream_back = match bound {
             Ok(l) => {
-                self.start_upstream(l, old_up.spec.clone());
+                self.start_upstream(l, old_up.spec.clone(), upstream_closing.hand_over());
                 true
             }
             Err(error) => {
@@ -641,7 +652,7 @@ impl Listeners {
                 if let Some(old) = self.public.take() {
                     self.retire(old.handle, "public");
                 }
-                self.serve_public(l, p);
+                self.serve_public(l, p, Conns::new());
             }
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
                 self.move_public_on_its_port(p, error).await;
@@ -657,16 +668,18 @@ impl Listeners {
         is_undone(&self.failed_swaps, action)
     }
 
-    /// Serves a freshly bound upstream listener with its own endpoint watch.
-    fn start_upstream(&mut self, listener: Listener, spec: UpstreamSpec) {
+    /// Serves a freshly bound upstream listener with its own endpoint watch; `conns` are new,
+    /// or those of the listener it was bound again in place of.
+    fn start_upstream(&mut self, listener: Listener, spec: UpstreamSpec, conns: Conns) {
         let cancel = self.shared.background.child_token();
         let eps = self.spawn_endpoints(&spec, &cancel);
-        self.serve_upstream(listener, spec, eps, cancel);
+        self.serve_upstream(listener, spec, eps, cancel, conns);
     }
 
     /// The public listener moves to another address on the same port (e.g. `127.0.0.1` to
     /// `0.0.0.0`), which cannot be bound while the old one listens: stop the old one, wait for
-    /// its socket, bind the new one; if that fails, bind the old address again.
+    /// its socket, bind the new one; if that fails, bind the old address again, with the
+    /// connections the old listener had.
     async fn move_public_on_its_port(&mut self, desired: PublicListener, error: std::io::Error) {
         let swap = |old: &RunningPublic| {
             let old = old.settings.borrow().bind;
@@ -681,35 +694,38 @@ impl Listeners {
         };
         let attempted = swap(&old);
         let previous = (**old.settings.borrow()).clone();
-        let closed = old.handle.closed.clone();
-        self.retire(old.handle, "public");
-        match bind_replacing(&BindAddr::Tcp(desired.bind), None, Some(&closed)).await {
-            Ok(l) => self.serve_public(l, desired),
+        let closing = self.close(old.handle, "public");
+        let bound =
+            bind_replacing(&BindAddr::Tcp(desired.bind), None, Some(closing.closed())).await;
+        let error = match bound {
+            // The old listener's connections drain (`closing` is dropped).
+            Ok(l) => return self.serve_public(l, desired, Conns::new()),
+            Err(error) => error,
+        };
+        tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
+        let previous_addr = BindAddr::Tcp(previous.bind);
+        let bound = bind_replacing(&previous_addr, None, Some(closing.closed())).await;
+        match bound {
+            Ok(l) => {
+                self.failed_swaps.push(attempted);
+                tracing::warn!(addr = %previous.bind, "public listener kept at its previous address; the move waits for a registration change");
+                self.serve_public(l, previous, closing.hand_over());
+            }
             Err(error) => {
-                tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener");
-                let previous_addr = BindAddr::Tcp(previous.bind);
-                match bind_replacing(&previous_addr, None, Some(&closed)).await {
-                    Ok(l) => {
-                        self.failed_swaps.push(attempted);
-                        tracing::warn!(addr = %previous.bind, "public listener kept at its previous address; the move waits for a registration change");
-                        self.serve_public(l, previous);
-                    }
-                    Err(error) => {
-                        tracing::error!(addr = %previous.bind, %error, "cannot restore the previous public listener")
-                    }
-                }
+                // Its connections drain (`closing` is dropped).
+                tracing::error!(addr = %previous.bind, %error, "cannot restore the previous public listener")
             }
         }
     }
 
-    /// Stops every listener from accepting (shutdown).
+    /// Stops every listener from accepting (shutdown); their connections drain.
     pub fn stop_accepting(&mut self) {
         self.stopping = true;
-        if let Some(p) = &self.public {
-            p.handle.stop.cancel();
+        if let Some(p) = self.public.take() {
+            p.handle.retire();
         }
-        for u in self.upstreams.values() {
-            u.handle.stop.cancel();
+        for (_, u) in std::mem::take(&mut self.upstreams) {
+            u.handle.retire();
         }
     }
 
@@ -726,7 +742,9 @@ impl Listeners {
         )
     }
 
-    fn serve_public(&mut self, listener: Listener, settings: PublicListener) {
+    /// Serves the public listener; `conns` are new, or those of the listener it was bound
+    /// again in place of.
+    fn serve_public(&mut self, listener: Listener, settings: PublicListener, conns: Conns) {
         tracing::info!(addr = %listener.local_addr(), app = %settings.local_app, "public listener ready");
         let (tx, rx) = watch::channel(Arc::new(settings));
         let s = &self.shared;
@@ -740,7 +758,7 @@ impl Listeners {
             active: s.inbound_active.clone(),
             rate: s.inbound_rate.clone(),
         });
-        let handle = self.spawn_accept(listener, "inbound", move |stream, kill| {
+        let handle = listener::spawn(s, listener, "inbound", conns, move |stream, kill| {
             inbound::serve_conn(stream, ctx.clone(), kill)
         });
         self.public = Some(RunningPublic {
@@ -749,12 +767,15 @@ impl Listeners {
         });
     }
 
+    /// Serves an upstream listener with the endpoint watch given; `conns` as for
+    /// [`Listeners::serve_public`].
     fn serve_upstream(
         &mut self,
         listener: Listener,
         spec: UpstreamSpec,
         endpoints: Subscriber<Endpoints>,
         endpoints_cancel: CancellationToken,
+        conns: Conns,
     ) {
         tracing::info!(addr = %listener.local_addr(), upstream = %spec.destination, "upstream listener ready");
         let (tx, rx) = watch::channel(Arc::new(UpstreamTarget {
@@ -769,7 +790,7 @@ impl Listeners {
             registry: s.upstream.clone(),
             metrics: s.metrics.clone(),
         });
-        let handle = self.spawn_accept(listener, "upstream", move |stream, kill| {
+        let handle = listener::spawn(s, listener, "upstream", conns, move |stream, kill| {
             outbound::serve_conn(stream, ctx.clone(), kill)
         });
         self.upstreams.insert(
@@ -783,59 +804,20 @@ impl Listeners {
         );
     }
 
-    fn spawn_accept<F, Fut>(
-        &self,
-        listener: Listener,
-        kind: &'static str,
-        handle: F,
-    ) -> ListenerHandle
-    where
-        F: Fn(net::Stream, CancellationToken) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let stop = CancellationToken::new();
-        let closed = CancellationToken::new();
-        let released = closed.clone();
-        let workers = self.shared.workers.clone();
-        let kill = CancellationToken::new();
-        let conns = TaskTracker::new();
-        let deadline = self.shared.drain_timeout;
-        let (accept_stop, conn_kill) = (stop.clone(), kill.clone());
-        // The listener's whole life: accept until stopped, then let its own connections drain
-        // for the drain timeout and cut the rest.
-        self.shared.tracker.spawn(async move {
-            net::accept_loop(
-                listener,
-                kind,
-                accept_stop,
-                conns.clone(),
-                workers,
-                move |s| handle(s, conn_kill.clone()),
-            )
-            .await;
-            // accept_loop owned the listener: its socket is closed now.
-            released.cancel();
-            conns.close();
-            if tokio::time::timeout(deadline, conns.wait()).await.is_err() {
-                tracing::warn!(
-                    listener = kind,
-                    open = conns.len(),
-                    "drain deadline reached; closing the remaining connections"
-                );
-                kill.cancel();
-                conns.wait().await;
-            }
-        });
-        ListenerHandle { stop, closed }
-    }
-
     /// Stops a listener; its open connections drain for the drain timeout, then are cut.
     fn retire(&self, handle: ListenerHandle, kind: &'static str) {
+        // Dropped at once: nothing will take its connections over.
+        drop(self.close(handle, kind));
+    }
+
+    /// Stops a listener and closes its socket; its open connections wait for what the
+    /// returned [`Closing`] decides (they drain once it is dropped).
+    fn close(&self, handle: ListenerHandle, kind: &'static str) -> Closing {
         tracing::info!(
             listener = kind,
             "stopping a listener removed from the registration"
         );
-        handle.stop.cancel();
+        handle.close()
     }
 }
 

@@ -1077,14 +1077,77 @@ async fn a_move_on_the_same_port_that_fails_is_undone_once_not_on_every_retry() 
         !logs.contains("the registration is not fully applied; retrying"),
         "{logs}"
     );
-    // The connection opened between the two attempts drains (the second attempt stopped its
-    // listener, with -drain-timeout 1h): it still echoes.
+    // The connection opened between the two attempts belongs to the listener the second
+    // attempt put back: it still echoes.
     let mut b = [0u8; 1];
     open.write_all(b"!").await.unwrap();
     tokio::time::timeout(DEADLINE, open.read_exact(&mut b))
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Whether one byte still makes the round trip through `s`.
+async fn still_echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.write_all(b"!").await.is_ok()
+        && matches!(
+            tokio::time::timeout(DEADLINE, s.read_exact(&mut b)).await,
+            Ok(Ok(_))
+        )
+}
+
+/// A move on the same port that fails stops the old listener and binds its address again; the
+/// connections it had belong to the listener put back: they are not cut when the stopped
+/// listener's drain deadline passes, and are drained with the listener put back when that one
+/// is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_of_a_listener_put_back_after_a_failed_move_are_not_cut() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let control_port = free_port();
+    let control_upstream = upstream_json("db", control_port);
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![
+            upstream_json("db", mesh.web_upstream),
+            control_upstream.clone(),
+        ],
+    ));
+    let web = mesh.start_web_with(&["-drain-timeout", "1s"]).await;
+    let mut kept = open_echoing(mesh.web_upstream).await;
+    let mut control = open_echoing(control_port).await;
+    // Another process holds 127.0.0.2 on the upstream's port: the move to 0.0.0.0 fails only
+    // after web stopped its 127.0.0.1 listener, which is then bound again.
+    let _other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
+    let wildcard = json!({"DestinationName": "db", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream});
+    mesh.agent
+        .set_service(web_with(&mesh, vec![wildcard, control_upstream]));
+    web.wait_log("waiting for a registration change").await;
+
+    // The control upstream is removed after that, with the same drain timeout: once its open
+    // connection is cut at its deadline, the stopped listener's deadline has passed too.
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![upstream_json("db", mesh.web_upstream)],
+    ));
+    wait_closed(&mut control).await;
+    web.wait_log("drain deadline reached").await;
+    assert!(
+        still_echoes(&mut kept).await,
+        "a connection of the listener put back was cut:\n{}",
+        web.logs()
+    );
+    let logs = web.logs();
+    assert_eq!(
+        logs.matches("drain deadline reached").count(),
+        1,
+        "only the control listener's connections were cut:\n{logs}"
+    );
+
+    // Removing the listener put back drains them with its own: cut at its deadline.
+    mesh.agent.set_service(web_with(&mesh, vec![]));
+    wait_closed(&mut kept).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
