@@ -22,6 +22,7 @@ use crate::enforce::Enforcer;
 use crate::metrics::Metrics;
 use crate::proxy_config::{self, BindAddr, ProxyConfig};
 use crate::reconcile::{Listeners, Outcome, Shared};
+use crate::signal::Signals;
 use crate::{notify, watchers};
 
 /// Why the proxy stopped with an error.
@@ -72,18 +73,14 @@ pub struct Tuning {
     pub workers: Option<Arc<crate::workers::Workers>>,
 }
 
-/// Runs the proxy until `shutdown` resolves, then drains and returns.
-pub async fn run(
-    config: Config,
-    tuning: Tuning,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AppError> {
+/// Runs the proxy until the first shutdown signal, then drains and returns; a second signal
+/// while draining cuts the remaining connections at once.
+pub async fn run(config: Config, tuning: Tuning, mut signals: Signals) -> Result<(), AppError> {
     let client = ConsulClient::new(&config.agent)
         .await
         .map_err(AppError::Setup)?;
     let background = CancellationToken::new();
     let _stop_background = background.clone().drop_guard();
-    tokio::pin!(shutdown);
 
     // The process's shared state, served by the admin endpoint when one is configured.
     let admin = Arc::new(AdminState::new(
@@ -108,13 +105,13 @@ pub async fn run(
 
     let started = tokio::select! {
         r = start(&config, &tuning, &client, &background, admin) => r?,
-        _ = &mut shutdown => {
+        () = signals.recv() => {
             tracing::info!("shutdown requested before the proxy was ready");
             return Ok(());
         }
     };
-    shutdown.await;
-    started.drain().await;
+    signals.recv().await;
+    started.drain(&mut signals).await;
     Ok(())
 }
 
@@ -270,6 +267,7 @@ async fn start(
         trust_domain: config.trust_domain,
         drain_timeout: config.drain_timeout,
         tracker: TaskTracker::new(),
+        cut: CancellationToken::new(),
         background: background.clone(),
         workers: tuning.workers.clone(),
         inbound_active: Default::default(),
@@ -310,9 +308,9 @@ async fn start(
 }
 
 impl Started {
-    /// Stops accepting, lets open connections finish for up to the drain timeout, then cuts
-    /// the rest.
-    async fn drain(self) {
+    /// Stops accepting, lets open connections finish for up to the drain timeout (or until
+    /// another signal), then cuts the rest.
+    async fn drain(self, signals: &mut Signals) {
         let deadline = self.shared.drain_timeout;
         // Not ready first: once systemd hears STOPPING=1, /ready must already say 503.
         self.admin.ready.store(false, Ordering::Relaxed);
@@ -322,7 +320,14 @@ impl Started {
         let tracker = &self.shared.tracker;
         tracker.close();
         tracing::info!(deadline = ?deadline, inbound = self.shared.inbound.len(), upstream = self.shared.upstream.len(), "draining open connections");
-        tracker.wait().await;
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = signals.recv() => {
+                tracing::warn!("second shutdown signal: cutting the remaining connections now");
+                self.shared.cut.cancel();
+                tracker.wait().await;
+            }
+        }
         tracing::info!("proxy stopped");
     }
 }

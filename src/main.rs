@@ -62,7 +62,12 @@ fn main() -> ExitCode {
         workers,
         ..Tuning::default()
     };
-    match runtime.block_on(app::run(config, tuning, signal::shutdown_requested())) {
+    let run = async {
+        // First thing on the runtime: a signal during start-up is then a clean shutdown.
+        let signals = signal::Signals::install();
+        app::run(config, tuning, signals).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "consul-proxy stopped");

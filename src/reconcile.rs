@@ -171,6 +171,9 @@ pub struct Shared {
     /// Tracks every listener's life (accepting, then draining its connections unless a
     /// listener bound again in its place took them over).
     pub tracker: TaskTracker,
+    /// Cancelling it ends every draining listener's wait at once and cuts its connections
+    /// (a second shutdown signal).
+    pub cut: CancellationToken,
     /// Parent of every endpoint watch.
     pub background: CancellationToken,
     /// Worker runtimes for connections (`-threads` > 1), or `None` to run them here.

@@ -29,21 +29,26 @@ impl Conns {
         Self::default()
     }
 
-    /// Lets the connections finish for up to `deadline`, then cuts the rest.
-    async fn drain(self, kind: &'static str, deadline: std::time::Duration) {
+    /// Lets the connections finish for up to `deadline`, or until `cut`, then cuts the rest.
+    async fn drain(
+        self,
+        kind: &'static str,
+        deadline: std::time::Duration,
+        cut: CancellationToken,
+    ) {
         self.tracker.close();
-        if tokio::time::timeout(deadline, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                listener = kind,
-                open = self.tracker.len(),
-                "drain deadline reached; closing the remaining connections"
-            );
-            self.kill.cancel();
-            self.tracker.wait().await;
-        }
+        let why = tokio::select! {
+            () = self.tracker.wait() => return,
+            () = tokio::time::sleep(deadline) => "drain deadline reached",
+            () = cut.cancelled() => "told to stop at once",
+        };
+        tracing::warn!(
+            listener = kind,
+            open = self.tracker.len(),
+            "{why}; closing the remaining connections"
+        );
+        self.kill.cancel();
+        self.tracker.wait().await;
     }
 }
 
@@ -115,7 +120,7 @@ where
     let closed = CancellationToken::new();
     let (hand_over, handed_over) = oneshot::channel();
     let workers = shared.workers.clone();
-    let deadline = shared.drain_timeout;
+    let (deadline, cut) = (shared.drain_timeout, shared.cut.clone());
     let (accept_stop, released, task_conns) = (stop.clone(), closed.clone(), conns.clone());
     shared.tracker.spawn(async move {
         let kill = task_conns.kill.clone();
@@ -131,7 +136,7 @@ where
         // accept_loop owned the listener: its socket is closed now.
         released.cancel();
         if handed_over.await.is_err() {
-            task_conns.drain(kind, deadline).await;
+            task_conns.drain(kind, deadline, cut).await;
         }
         // Otherwise the listener bound in its place owns them now.
     });

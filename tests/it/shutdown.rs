@@ -49,6 +49,29 @@ async fn drain_deadline_cuts_connections_and_still_exits_0() {
     wait_closed(&mut open).await;
 }
 
+/// An operator who does not want to wait for the drain (Ctrl-C twice, or a second SIGTERM)
+/// gets the remaining connections cut at once, as aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_while_draining_cuts_at_once_and_exits_0() {
+    let mesh = Mesh::new().await;
+    let _db = mesh.start_db().await;
+    let mut web = mesh.start_web_with(&["-drain-timeout", "1h"]).await;
+    let mut open = open_echoing(mesh.web_upstream).await;
+
+    web.signal("TERM");
+    web.wait_notify("STOPPING=1").await;
+    assert!(web.is_running(), "draining the open connection");
+    web.signal("INT");
+    assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
+    assert!(
+        web.logs()
+            .contains("second shutdown signal: cutting the remaining connections now"),
+        "{}",
+        web.logs()
+    );
+    wait_closed(&mut open).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_before_ready_exits_0() {
     let mesh = Mesh::new().await;
