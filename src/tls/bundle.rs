@@ -17,6 +17,9 @@ pub struct TrustBundle {
     /// Each anchor's root validity period (webpki does not check an anchor's dates).
     periods: Vec<Period>,
     intermediates: Vec<CertificateDer<'static>>,
+    /// Validity periods of the anchors and of the listed intermediates: what a full
+    /// verification accepts changes at each of their boundaries.
+    boundaries: Vec<Period>,
     root_ids: Vec<String>,
 }
 
@@ -31,6 +34,7 @@ impl TrustBundle {
         let mut anchors = Vec::new();
         let mut periods = Vec::new();
         let mut intermediates = Vec::new();
+        let mut boundaries = Vec::new();
         let mut root_ids = Vec::new();
         let mut previous_trust_domains = Vec::new();
         for root in &roots.roots {
@@ -55,8 +59,11 @@ impl TrustBundle {
                 }
             }
             for pem in &root.intermediate_certs {
-                match first_cert(pem) {
-                    Ok(der) => intermediates.push(der),
+                match first_cert(pem).and_then(|der| Ok((Period::of(&der)?, der))) {
+                    Ok((period, der)) => {
+                        intermediates.push(der);
+                        boundaries.push(period);
+                    }
                     Err(e) => {
                         warnings.push(format!("intermediate of root {:?} ignored: {e}", root.id))
                     }
@@ -77,12 +84,14 @@ impl TrustBundle {
         if anchors.is_empty() {
             return Err(format!("no usable CA root ({} listed)", roots.roots.len()));
         }
+        boundaries.extend(periods.iter().copied());
         Ok((
             TrustBundle {
                 trust_domain: roots.trust_domain.to_ascii_lowercase(),
                 previous_trust_domains,
                 anchors,
                 periods,
+                boundaries,
                 intermediates,
                 root_ids,
             },
@@ -121,11 +130,14 @@ impl TrustBundle {
         )
     }
 
-    /// How long from `now` until some root enters or leaves its validity period, i.e. until
-    /// [`TrustBundle::anchors_at`] next changes; `None` if it never will.
+    /// How long from `now` until some root or listed intermediate enters or leaves its
+    /// validity period (so [`TrustBundle::anchors_at`], or which chains verify, next changes);
+    /// `None` if none will. The TLS configuration is rebuilt then, with a new ticket key: a
+    /// session verified before must not resume past such a boundary, since resumption
+    /// re-checks only the certificates the peer itself presented.
     pub fn next_period_change(&self, now: UnixTime) -> Option<std::time::Duration> {
         let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        self.periods
+        self.boundaries
             .iter()
             .flat_map(|p| [p.not_before, p.not_after.saturating_add(1)])
             .filter(|&t| t > now)

@@ -356,6 +356,39 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_intermediate_expiring_first_is_the_next_boundary() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let now = UnixTime::now();
+        let year_secs = |y: u64| (y - 1970) * 31_556_952;
+        let ca_params = |until: i32| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(until, 1, 1);
+            p
+        };
+        let root =
+            CertifiedIssuer::self_signed(ca_params(2999), KeyPair::generate().unwrap()).unwrap();
+        let intermediate = ca_params(2998)
+            .signed_by(&KeyPair::generate().unwrap(), &root)
+            .unwrap();
+        let roots = crate::consul::api::CaRoots {
+            trust_domain: "td.consul".into(),
+            roots: vec![crate::consul::api::CaRoot {
+                id: "r".into(),
+                root_cert: root.pem(),
+                intermediate_certs: vec![intermediate.pem()],
+                active: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let bundle = TrustBundle::from_api(&roots).unwrap().0;
+        let next = bundle.next_period_change(now).unwrap().as_secs() + now.as_secs();
+        assert!(next.abs_diff(year_secs(2998)) < 3 * 86_400, "{next}");
+    }
+
+    #[test]
     fn validity_periods_are_checked_for_every_certificate() {
         let now = UnixTime::now();
         let current = cert((2020, 1, 1), (2999, 1, 1));
