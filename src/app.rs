@@ -169,7 +169,12 @@ async fn start(
         "proxy registration loaded"
     );
 
-    let settings = tuning.watch.clone();
+    let mut settings = tuning.watch.clone();
+    if !client.shares_connections() {
+        settings.endpoint_long_polls = Arc::new(tokio::sync::Semaphore::new(
+            watchers::ENDPOINT_LONG_POLLS_HTTP1,
+        ));
+    }
     let roots = watchers::spawn_roots(client.clone(), settings.clone(), background.clone());
     let leaf = watchers::spawn_leaf(
         client.clone(),

@@ -245,6 +245,54 @@ fn note_registration_presence<T>(
     }
 }
 
+/// Upstream endpoint watches that long-poll the agent at once when it speaks HTTP/1.1 (plain
+/// HTTP, unix socket), where each long-poll holds a connection and the agent allows
+/// `limits.http_max_conns_per_client` (200) per client address for all proxies on the host.
+/// With the four essential watches, a proxy then holds at most about this + 4 + 2 idle.
+pub const ENDPOINT_LONG_POLLS_HTTP1: usize = 4;
+
+/// How often an upstream without a long-poll slot reads its endpoints (from the agent's
+/// cache: a local read, no server round trip): the rate endpoint watches are held to anyway
+/// when results churn. A stale list costs at most a retry.
+const ENDPOINTS_POLL_INTERVAL: Duration = ENDPOINTS_REFILL;
+
+/// One endpoint watch's hold on a long-poll slot: taken when one is free (at start, or later
+/// when another upstream's watch ends), then kept for the watch's life.
+#[derive(Default)]
+struct LongPollSlot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Whether this watch has said it polls (said once, until it gets a slot).
+    said: bool,
+}
+
+impl LongPollSlot {
+    /// Whether this watch may long-poll now; takes a free slot if it has none.
+    fn take(&mut self, slots: &Arc<tokio::sync::Semaphore>, service: &str) -> bool {
+        if self.permit.is_none() {
+            self.permit = slots.clone().try_acquire_owned().ok();
+            match (&self.permit, self.said) {
+                (None, false) => {
+                    tracing::info!(
+                        upstream = service,
+                        interval = ?ENDPOINTS_POLL_INTERVAL,
+                        "every agent long-poll slot is in use (over HTTP/1.1 each holds a connection); polling this upstream's endpoints instead (the agent's HTTPS port lifts the limit)"
+                    );
+                    self.said = true;
+                }
+                (Some(_), true) => {
+                    tracing::info!(
+                        upstream = service,
+                        "a long-poll slot is free; long-polling this upstream's endpoints again"
+                    );
+                    self.said = false;
+                }
+                _ => {}
+            }
+        }
+        self.permit.is_some()
+    }
+}
+
 /// Watches the endpoints of one upstream: blocking health queries for services, periodic
 /// execution for prepared queries (they cannot block).
 pub fn spawn_endpoints(
@@ -269,11 +317,24 @@ pub fn spawn_endpoints(
                 ..settings
             };
             tokio::spawn(async move {
+                let slots = settings.endpoint_long_polls.clone();
+                let mut slot = LongPollSlot::default();
                 watch::run(&name, &settings, tx, cancel, |index: Index| {
                     let client = client.clone();
                     let (service, dc) = (service.clone(), datacenter.clone());
-                    let q = blocking(index, &settings);
+                    let mut q = blocking(index, &settings);
+                    let pause = if slot.take(&slots, &service) {
+                        None
+                    } else {
+                        // Polled: a non-blocking read of the agent's cache, one per interval.
+                        let first = q.index == 0;
+                        q.index = 0;
+                        (!first).then_some(ENDPOINTS_POLL_INTERVAL)
+                    };
                     async move {
+                        if let Some(pause) = pause {
+                            tokio::time::sleep(pause).await;
+                        }
                         let r = client.health_connect(&service, dc.as_deref(), q).await?;
                         Ok((Index(r.index), Ok(Endpoints::from_health(&r.value))))
                     }

@@ -21,6 +21,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(15);
 /// How long a ping may go unanswered before the connection (and its requests) is dropped.
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept open to the agent.
+const MAX_IDLE_CONNECTIONS: usize = 2;
+/// Short requests in flight at once over HTTP/1.1 (see [`Hold::Short`]).
+const SHORT_REQUESTS_HTTP1: usize = 2;
 
 /// A value with the blocking index it was read at (`X-Consul-Index`).
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +56,20 @@ struct Inner {
     display: String,
     token: Mutex<Option<Secret>>,
     token_file: Option<std::path::PathBuf>,
+    /// Requests other than long-polls allowed in flight at once (see [`Hold`]).
+    short: tokio::sync::Semaphore,
+}
+
+/// How long a request holds its connection to the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    /// A blocking query: up to its `wait`. Their number is bounded by the watches.
+    LongPoll,
+    /// Anything else: a moment. Over HTTP/1.1 at most [`SHORT_REQUESTS_HTTP1`] at once, so
+    /// that a burst (every watch's first read at start-up, polled upstreams) does not open a
+    /// connection each: the agent counts connections per client address for all proxies on
+    /// the host.
+    Short,
 }
 
 /// One endpoint, for error messages: what was asked and which ACL permission it needs.
@@ -83,6 +101,9 @@ impl ConsulClient {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Idle HTTP/1.1 connections count against the agent's per-client limit as much
+            // as busy ones: keep few (short reads between long-polls reuse them).
+            .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
             // Over HTTPS the agent negotiates HTTP/2 and every watch shares one connection:
             // ping it, so that a connection that died silently fails all of them within
             // seconds rather than at the end of their long-polls.
@@ -127,6 +148,10 @@ impl ConsulClient {
                 display: config.addr.to_string(),
                 token: Mutex::new(token),
                 token_file,
+                short: tokio::sync::Semaphore::new(match config.addr.scheme {
+                    Scheme::Https => tokio::sync::Semaphore::MAX_PERMITS,
+                    Scheme::Http => SHORT_REQUESTS_HTTP1,
+                }),
             }),
         })
     }
@@ -147,7 +172,10 @@ impl ConsulClient {
             what: format!("proxy registration {id:?}"),
             permission: format!("service:read on the proxy service (registration {id:?})"),
         };
-        let timeout = hash.map_or(REQUEST_TIMEOUT, |_| blocking_timeout(wait));
+        let timeout = match hash {
+            Some(_) => (blocking_timeout(wait), Hold::LongPoll),
+            None => (REQUEST_TIMEOUT, Hold::Short),
+        };
         let (svc, headers): (api::AgentService, _) =
             self.call(Method::GET, url, &ep, timeout, None).await?;
         let hash = header_str(&headers, "X-Consul-ContentHash")
@@ -173,7 +201,7 @@ impl ConsulClient {
             permission: "service:read on the service and its sidecar".into(),
         };
         let (services, headers) = self
-            .call(Method::GET, url, &ep, REQUEST_TIMEOUT, None)
+            .call(Method::GET, url, &ep, (REQUEST_TIMEOUT, Hold::Short), None)
             .await?;
         let filtered = headers
             .get("X-Consul-Results-Filtered-By-Acls")
@@ -276,7 +304,7 @@ impl ConsulClient {
             permission: "query:read on the query and service:read on its service".into(),
         };
         Ok(self
-            .call(Method::GET, url, &ep, REQUEST_TIMEOUT, None)
+            .call(Method::GET, url, &ep, (REQUEST_TIMEOUT, Hold::Short), None)
             .await?
             .0)
     }
@@ -293,9 +321,22 @@ impl ConsulClient {
         };
         let body = serde_json::to_vec(req).map_err(|e| ConsulError::Setup(e.to_string()))?;
         Ok(self
-            .call(Method::POST, url, &ep, REQUEST_TIMEOUT, Some(body))
+            .call(
+                Method::POST,
+                url,
+                &ep,
+                (REQUEST_TIMEOUT, Hold::Short),
+                Some(body),
+            )
             .await?
             .0)
+    }
+
+    /// Whether concurrent requests share one connection to the agent: over HTTPS the agent
+    /// negotiates HTTP/2. Over plain HTTP and unix sockets (HTTP/1.1) every request in
+    /// flight, a long-poll included, holds a connection of its own.
+    pub fn shares_connections(&self) -> bool {
+        self.inner.base.scheme() == "https"
     }
 
     /// The agent address, for messages.
@@ -322,8 +363,13 @@ impl ConsulClient {
         url.query_pairs_mut()
             .append_pair("index", &q.index.to_string())
             .append_pair("wait", &wait_param(q.wait));
+        let hold = if q.index > 0 {
+            Hold::LongPoll
+        } else {
+            Hold::Short
+        };
         let (value, headers) = self
-            .call(Method::GET, url, ep, blocking_timeout(q.wait), None)
+            .call(Method::GET, url, ep, (blocking_timeout(q.wait), hold), None)
             .await?;
         let index = parse_index(header_str(&headers, "X-Consul-Index")).map_err(|what| {
             ConsulError::Protocol {
@@ -339,9 +385,14 @@ impl ConsulClient {
         method: Method,
         url: Url,
         ep: &Endpoint,
-        timeout: Duration,
+        (timeout, hold): (Duration, Hold),
         body: Option<Vec<u8>>,
     ) -> Result<(T, reqwest::header::HeaderMap), ConsulError> {
+        let _permit = match hold {
+            Hold::LongPoll => None,
+            // Invariant: the semaphore is never closed.
+            Hold::Short => Some(self.inner.short.acquire().await.expect("never closed")),
+        };
         let mut retried_token = false;
         loop {
             let mut req = self

@@ -85,9 +85,10 @@ pub enum ConsulError {
 /// What to do about the agent's per-client connection limit, when that is what refused us.
 fn limit_hint(body: &str) -> &'static str {
     if body.contains("concurrent connections") {
-        " (every blocking query holds one HTTP/1.1 connection and the agent allows \
-         limits.http_max_conns_per_client, default 200, per client address: point -http-addr at \
-         the agent's HTTPS port, where all queries share one HTTP/2 connection, or raise the limit)"
+        " (over HTTP/1.1 each request in flight holds a connection, about 10 per proxy, and \
+         the agent allows limits.http_max_conns_per_client, default 200, per client address \
+         for every process on the host: point -http-addr at the agent's HTTPS port, where all \
+         queries share one HTTP/2 connection, or raise the limit)"
     } else {
         ""
     }

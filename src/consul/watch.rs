@@ -37,6 +37,9 @@ pub struct WatchSettings {
     pub refill: Duration,
     /// Where each watch reports its state (shared by every clone of these settings).
     pub health: Arc<WatchHealth>,
+    /// Slots for upstream endpoint long-polls (shared by every clone): an endpoint watch that
+    /// gets none polls instead (see `watchers::spawn_endpoints`). Unlimited by default.
+    pub endpoint_long_polls: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for WatchSettings {
@@ -48,6 +51,9 @@ impl Default for WatchSettings {
             burst: 3,
             refill: Duration::from_millis(250),
             health: Arc::default(),
+            endpoint_long_polls: Arc::new(tokio::sync::Semaphore::new(
+                tokio::sync::Semaphore::MAX_PERMITS,
+            )),
         }
     }
 }

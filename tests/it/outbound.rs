@@ -179,3 +179,107 @@ async fn an_upstream_cut_mid_response_reaches_the_local_client_as_a_reset() {
     );
     drop(server.await.unwrap());
 }
+
+/// Over plain HTTP each long-poll holds a connection to the agent, which limits connections
+/// per client address for every proxy on the host: at most four upstreams long-poll, the rest
+/// poll the agent's cache, still serve and still see changes; a slot freed by a removed
+/// upstream goes to a polling one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_at_most_four_upstreams_long_poll_and_the_rest_still_follow_changes() {
+    use crate::support::fake_agent::{sidecar_json, upstream_json};
+    let mesh = Mesh::new().await;
+    let names = ["db", "u1", "u2", "u3", "u4", "u5"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    for name in names {
+        // Every upstream leads to db's proxy (the entries name db as the destination).
+        mesh.agent
+            .set_health(name, vec![health_entry("db", mesh.db_public, "dc1")]);
+    }
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        names
+            .iter()
+            .zip(&ports)
+            .map(|(n, p)| upstream_json(n, *p))
+            .collect(),
+        json!({}),
+    ));
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+
+    for (name, port) in names.iter().zip(&ports) {
+        assert_eq!(
+            round_trip(*port, name.as_bytes()).await.unwrap(),
+            name.as_bytes(),
+            "through upstream {name}"
+        );
+    }
+    let (max, long_polled) = eventually("four upstreams long-poll", DEADLINE, || async {
+        let (max, services) = mesh.agent.health_long_polls();
+        (services.len() >= 4).then_some((max, services))
+    })
+    .await;
+    assert_eq!(max, 4, "never more than four at once: {long_polled:?}");
+    assert_eq!(long_polled.len(), 4, "{long_polled:?}");
+    assert_eq!(
+        web.logs()
+            .matches("polling this upstream's endpoints instead")
+            .count(),
+        2,
+        "{}",
+        web.logs()
+    );
+
+    // A polled upstream still sees a change (within its 15 s interval).
+    let polled = names
+        .iter()
+        .find(|n| !long_polled.iter().any(|l| l == *n))
+        .unwrap();
+    let published = || {
+        web.logs()
+            .matches(&format!(
+                "agent watch published a new value watch=\"endpoints service {polled}\""
+            ))
+            .count()
+    };
+    let before = published();
+    assert!(
+        before > 0,
+        "the log line this test waits on:\n{}",
+        web.logs()
+    );
+    mesh.agent.set_health(
+        polled,
+        vec![
+            health_entry("db", mesh.db_public, "dc1"),
+            health_entry("db", free_port(), "dc1"),
+        ],
+    );
+    crate::support::eventually(
+        "the polled upstream sees the change",
+        DEADLINE * 2,
+        || async { (published() > before).then_some(()) },
+    )
+    .await;
+
+    // Removing an upstream that long-polls frees its slot for one that polls.
+    let removed = &long_polled[0];
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_public,
+        1,
+        names
+            .iter()
+            .zip(&ports)
+            .filter(|(n, _)| *n != removed)
+            .map(|(n, p)| upstream_json(n, *p))
+            .collect(),
+        json!({}),
+    ));
+    web.wait_log("a long-poll slot is free; long-polling this upstream's endpoints again")
+        .await;
+}

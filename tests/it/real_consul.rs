@@ -698,6 +698,80 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
     }
 }
 
+/// Over plain HTTP (HTTP/1.1: a connection per request in flight) a proxy with many upstreams
+/// long-polls at most four of them and polls the rest, so it stays within a few connections to
+/// the agent: seventeen upstreams would otherwise take 21 of web's plus db's 4, well past a
+/// limit of 18, and the agent would refuse some with 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_plain_http_a_proxy_with_many_upstreams_stays_within_the_connection_limit() {
+    const LIMIT: u32 = 18;
+    let extras = Extras {
+        https: false,
+        max_conns_per_client: Some(LIMIT),
+    };
+    let more = [
+        "u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8", "u9", "u10", "u11", "u12", "u13", "u14",
+        "u15", "u16",
+    ];
+    let Some(mesh) = RealMesh::start_with(Mode::Dev, extras, &more).await else {
+        return;
+    };
+    let web_watches = 4 + 1 + more.len();
+    assert!(
+        web_watches + 4 > LIMIT as usize,
+        "one long-poll per watch must exceed the limit for this test to mean anything"
+    );
+    mesh.agent.intention("web", "db", "allow").await;
+    let mut proxies = Vec::new();
+    let mut admins = Vec::new();
+    for id in ["db-sidecar-proxy", "web-sidecar-proxy"] {
+        let admin = free_port();
+        let mut args = mesh.proxy_args("-proxy-id", id, None);
+        args.extend(["-admin-addr".to_owned(), format!("127.0.0.1:{admin}")]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        proxies.push(ProxyProcess::start(&args).await);
+        admins.push(admin);
+    }
+    mesh.agent.wait_passing("db", 1).await;
+    eventually("bytes through web's db upstream", DEADLINE, || async {
+        echoes(mesh.web_upstream, b"through").await.then_some(())
+    })
+    .await;
+    for (admin, expected) in admins.into_iter().zip([4, web_watches]) {
+        eventually(
+            "every watch answered and none failing",
+            DEADLINE,
+            || async {
+                let status: serde_json::Value =
+                    serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
+                let watches = status["watches"].as_object()?;
+                let answered = watches
+                    .values()
+                    .filter(|w| w["failing"] == false && w["last_success_unix"].is_u64())
+                    .count();
+                (watches.len() >= expected && answered == watches.len()).then_some(())
+            },
+        )
+        .await;
+    }
+    for p in &proxies {
+        assert!(
+            !p.logs().contains("the agent refused the request (429)"),
+            "no query was refused by the connection limit:\n{}",
+            p.logs()
+        );
+    }
+    let web = &proxies[1];
+    assert_eq!(
+        web.logs()
+            .matches("polling this upstream's endpoints instead")
+            .count(),
+        web_watches - 4 - 4,
+        "{}",
+        web.logs()
+    );
+}
+
 /// A prepared-query upstream against a real agent reaches what the query returns, including an
 /// instance whose check is `warning` (queries keep those unless `OnlyPassing`), while a service
 /// upstream to the same instance, asked with `?passing`, gets nothing.

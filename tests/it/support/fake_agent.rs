@@ -49,6 +49,11 @@ struct Data {
     fault: Option<Fault>,
     path_faults: Vec<(String, Fault)>,
     requests: Vec<String>,
+    /// Blocking health requests in flight now, the most there ever were, and the services
+    /// they were for.
+    health_long_polls: usize,
+    max_health_long_polls: usize,
+    long_polled: std::collections::BTreeSet<String>,
     /// The `X-Consul-Token` header of every request, `None` where there was none.
     tokens: Vec<Option<String>>,
 }
@@ -259,6 +264,16 @@ impl FakeAgent {
         }
         drop(d);
         self.shared.changed.send_replace(to);
+    }
+
+    /// The most blocking (`index` > 0) health requests that were in flight at once, and the
+    /// services that had one.
+    pub fn health_long_polls(&self) -> (usize, Vec<String>) {
+        let d = self.shared.data.lock().unwrap();
+        (
+            d.max_health_long_polls,
+            d.long_polled.iter().cloned().collect(),
+        )
     }
 
     /// Paths requested so far (method and path, no query).
@@ -606,10 +621,30 @@ async fn health_connect(
         return r;
     }
     let current = |d: &Data| Some(d.health.get(&service).cloned().unwrap_or((Vec::new(), 1)));
+    let _long_poll = (index_of(&q) > 0).then(|| LongPoll::start(&s, &service));
     let (list, i) = block(&s, index_of(&q), parse_wait(&q), current)
         .await
         .unwrap();
     indexed(Value::Array(list), i)
+}
+
+/// Counts a blocking health request while it is in flight (also when the client goes away).
+struct LongPoll<'a>(&'a Shared);
+
+impl<'a> LongPoll<'a> {
+    fn start(shared: &'a Shared, service: &str) -> Self {
+        let mut d = shared.data.lock().unwrap();
+        d.health_long_polls += 1;
+        d.max_health_long_polls = d.max_health_long_polls.max(d.health_long_polls);
+        d.long_polled.insert(service.to_owned());
+        LongPoll(shared)
+    }
+}
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        self.0.data.lock().unwrap().health_long_polls -= 1;
+    }
 }
 
 async fn query_execute(State(s): State<Shared_>, Path(name): Path<String>) -> Response {
