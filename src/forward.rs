@@ -64,11 +64,22 @@ where
     .await
 }
 
-/// Logs how a splice ended and returns whether it ended in order (both directions reached
-/// EOF) rather than with an error. `a_is_peer` says whether the splice's first stream is the
-/// remote mTLS peer (inbound) or the local client (upstream), which decides which count is
-/// "in" (from the peer) and which "out".
-pub fn ended_in_order(result: io::Result<Transferred>, a_is_peer: bool) -> bool {
+/// How a splice ended, when neither side was closed by the proxy itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Both directions reached EOF (TLS with `close_notify`).
+    Orderly,
+    /// The TLS peer's TCP connection ended without `close_notify`: its stream may have been
+    /// cut short, so the other side gets a reset.
+    Truncated,
+    /// A read or write failed (a reset, most often); the other side gets a reset.
+    Failed,
+}
+
+/// Logs how a splice ended and classifies it. `a_is_peer` says whether the splice's first
+/// stream is the remote mTLS peer (inbound) or the local client (upstream), which decides
+/// which count is "in" (from the peer) and which "out".
+pub fn ending(result: io::Result<Transferred>, a_is_peer: bool) -> Ending {
     match result {
         Ok(t) => {
             let (from_peer, to_peer) = if a_is_peer {
@@ -77,11 +88,17 @@ pub fn ended_in_order(result: io::Result<Transferred>, a_is_peer: bool) -> bool 
                 (t.b_to_a, t.a_to_b)
             };
             tracing::debug!(bytes.in = from_peer, bytes.out = to_peer, "connection closed");
-            true
+            Ending::Orderly
+        }
+        // tokio-rustls reports a TCP EOF without close_notify this way; plain sockets never
+        // do (their EOF is a read of 0).
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::info!(%error, "the TLS peer closed without close_notify; passing it on as a reset");
+            Ending::Truncated
         }
         Err(error) => {
             tracing::debug!(%error, "connection ended with an error");
-            false
+            Ending::Failed
         }
     }
 }

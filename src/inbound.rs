@@ -248,7 +248,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
             ctx.metrics.closed_idle.inc();
             false
         }
-        r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => forward::ended_in_order(r, true),
+        r = forward::splice(&mut tls_stream, &mut app, &conn.bytes) => ctx.metrics.inbound_ended.count(forward::ending(r, true)),
     };
     if !orderly {
         app.abort_on_close();

@@ -65,6 +65,34 @@ pub struct Metrics {
     pub outbound_tls_full: Counter,
     /// Outbound TLS handshakes that resumed a session.
     pub outbound_tls_resumed: Counter,
+    /// How inbound connections ended when the proxy did not close them itself.
+    pub inbound_ended: Endings,
+    /// How upstream connections ended when the proxy did not close them itself.
+    pub upstream_ended: Endings,
+}
+
+/// Counts of [`crate::forward::Ending`]s.
+#[derive(Debug, Default)]
+pub struct Endings {
+    /// Both sides ended in order.
+    pub orderly: Counter,
+    /// The TLS peer ended without `close_notify`.
+    pub truncated: Counter,
+    /// A read or write failed.
+    pub failed: Counter,
+}
+
+impl Endings {
+    /// Counts `ending`; returns whether it was orderly.
+    pub fn count(&self, ending: crate::forward::Ending) -> bool {
+        use crate::forward::Ending;
+        match ending {
+            Ending::Orderly => self.orderly.inc(),
+            Ending::Truncated => self.truncated.inc(),
+            Ending::Failed => self.failed.inc(),
+        }
+        ending == Ending::Orderly
+    }
 }
 
 impl Metrics {
@@ -151,6 +179,26 @@ impl Metrics {
                     self.outbound_tls_resumed.get(),
                 ),
             ],
+        );
+        let ended = |side: &'static str, e: &Endings| {
+            [
+                ("orderly", e.orderly.get()),
+                ("truncated", e.truncated.get()),
+                ("failed", e.failed.get()),
+            ]
+            .map(|(how, v)| (format!("{{side=\"{side}\",how=\"{how}\"}}"), v))
+        };
+        let samples: Vec<(String, u64)> = ended("inbound", &self.inbound_ended)
+            .into_iter()
+            .chain(ended("upstream", &self.upstream_ended))
+            .collect();
+        counter(
+            "connections_ended_total",
+            "Connections that ended without the proxy closing them: in order, cut by a TLS peer that sent no close_notify (truncated), or by an error such as a reset (failed); the last two are passed on as resets.",
+            &samples
+                .iter()
+                .map(|(l, v)| (l.as_str(), *v))
+                .collect::<Vec<_>>(),
         );
         let _ = writeln!(
             out,

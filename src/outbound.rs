@@ -160,7 +160,7 @@ pub async fn serve_conn(mut local: Stream, ctx: Arc<UpstreamContext>, kill: Canc
             tracing::info!(upstream = %spec.destination, endpoint = %ep.authority(), reason = conn.close_reason().unwrap_or("closed"), "upstream connection closed by the proxy");
             false
         }
-        r = forward::splice(&mut local, &mut remote, &conn.bytes) => forward::ended_in_order(r, false),
+        r = forward::splice(&mut local, &mut remote, &conn.bytes) => ctx.metrics.upstream_ended.count(forward::ending(r, false)),
     };
     if !orderly {
         // A cut, a close by the enforcer or an error (e.g. the server's side ended without

@@ -372,7 +372,10 @@ async fn a_caller_ending_without_close_notify_reaches_the_app_as_data_then_a_res
     let mesh = Mesh::new().await;
     let (app, mut ends) = crate::support::recording_app(false).await;
     mesh.set_db_app(app);
-    let _db = mesh.start_db().await;
+    let admin = crate::support::free_port();
+    let db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
     let leaf = mesh.ca.leaf("web", "dc1");
 
     // Control: an orderly end (close_notify, then FIN) is a clean end of stream.
@@ -405,4 +408,16 @@ async fn a_caller_ending_without_close_notify_reaches_the_app_as_data_then_a_res
         Err(std::io::ErrorKind::ConnectionReset),
         "the app sees an abort"
     );
+    // ... and operators see it, counted apart from errors and logged.
+    let truncated = "consul_proxy_connections_ended_total{side=\"inbound\",how=\"truncated\"} 1\n";
+    eventually("the truncation is counted", DEADLINE, || async {
+        crate::support::admin_get(admin, "/metrics")
+            .await
+            .1
+            .contains(truncated)
+            .then_some(())
+    })
+    .await;
+    db.wait_log("the TLS peer closed without close_notify")
+        .await;
 }
