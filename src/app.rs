@@ -451,7 +451,8 @@ where
 
 fn is_unavailable(e: &ConsulError) -> bool {
     match e {
-        ConsulError::Unreachable { .. } | ConsulError::Protocol { .. } => true,
+        ConsulError::Unreachable { .. } | ConsulError::Busy { .. } => true,
+        ConsulError::Protocol { .. } => true,
         ConsulError::TooManyRequests { .. } => true,
         ConsulError::Status { status, .. } => *status >= 500,
         _ => false,

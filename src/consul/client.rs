@@ -23,6 +23,8 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(15);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept open to the agent.
 const MAX_IDLE_CONNECTIONS: usize = 2;
+/// The `wait` sent with index-0 reads, which do not block (bar an agent fault).
+const NON_BLOCKING_WAIT: Duration = Duration::from_secs(10);
 /// Short requests in flight at once over HTTP/1.1 (see [`Hold::Short`]).
 const SHORT_REQUESTS_HTTP1: usize = 2;
 
@@ -360,16 +362,19 @@ impl ConsulClient {
         ep: &Endpoint,
         q: Blocking,
     ) -> Result<Indexed<T>, ConsulError> {
+        // Index 0 does not block, except through an agent fault where a non-blocking leaf
+        // read after a cancelled blocking one blocked (consul#12048): a short wait keeps
+        // such a read, and its timeout, short.
+        let (wait, hold) = if q.index > 0 {
+            (q.wait, Hold::LongPoll)
+        } else {
+            (q.wait.min(NON_BLOCKING_WAIT), Hold::Short)
+        };
         url.query_pairs_mut()
             .append_pair("index", &q.index.to_string())
-            .append_pair("wait", &wait_param(q.wait));
-        let hold = if q.index > 0 {
-            Hold::LongPoll
-        } else {
-            Hold::Short
-        };
+            .append_pair("wait", &wait_param(wait));
         let (value, headers) = self
-            .call(Method::GET, url, ep, (blocking_timeout(q.wait), hold), None)
+            .call(Method::GET, url, ep, (blocking_timeout(wait), hold), None)
             .await?;
         let index = parse_index(header_str(&headers, "X-Consul-Index")).map_err(|what| {
             ConsulError::Protocol {
@@ -388,10 +393,20 @@ impl ConsulClient {
         (timeout, hold): (Duration, Hold),
         body: Option<Vec<u8>>,
     ) -> Result<(T, reqwest::header::HeaderMap), ConsulError> {
+        // One deadline for waiting for a slot and for the request itself.
+        let deadline = tokio::time::Instant::now() + timeout;
         let _permit = match hold {
             Hold::LongPoll => None,
-            // Invariant: the semaphore is never closed.
-            Hold::Short => Some(self.inner.short.acquire().await.expect("never closed")),
+            Hold::Short => Some(
+                tokio::time::timeout_at(deadline, self.inner.short.acquire())
+                    .await
+                    .map_err(|_| ConsulError::Busy {
+                        addr: self.inner.display.clone(),
+                        waited: timeout,
+                    })?
+                    // Invariant: the semaphore is never closed.
+                    .expect("never closed"),
+            ),
         };
         let mut retried_token = false;
         loop {
@@ -399,7 +414,7 @@ impl ConsulClient {
                 .inner
                 .http
                 .request(method.clone(), url.clone())
-                .timeout(timeout);
+                .timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
             if let Some(token) = self.token() {
                 req = req.header("X-Consul-Token", token.expose());
             }

@@ -12,6 +12,17 @@ pub enum ConsulError {
         #[source]
         source: reqwest::Error,
     },
+    /// Too many requests to the agent already in flight for the whole timeout (over HTTP/1.1
+    /// a few at a time are allowed): the agent is slow to answer or unreachable.
+    #[error(
+        "cannot reach the Consul agent at {addr}: no request slot free within {waited:?} (the agent is slow to answer)"
+    )]
+    Busy {
+        /// The agent address.
+        addr: String,
+        /// How long the request waited.
+        waited: std::time::Duration,
+    },
     /// 403: the token lacks a permission (or is unknown).
     #[error(
         "permission denied by the agent for {endpoint} (the token likely lacks {permission}): {body}"
@@ -97,7 +108,10 @@ fn limit_hint(body: &str) -> &'static str {
 impl ConsulError {
     /// Whether the agent could not be reached at all (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ConsulError::Unreachable { .. })
+        matches!(
+            self,
+            ConsulError::Unreachable { .. } | ConsulError::Busy { .. }
+        )
     }
 
     /// Whether this is an ACL refusal.
@@ -115,6 +129,7 @@ impl ConsulError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConsulError::Unreachable { .. } => "unreachable",
+            ConsulError::Busy { .. } => "busy",
             ConsulError::Forbidden { .. } => "forbidden",
             ConsulError::NotFound { .. } => "not_found",
             ConsulError::TooManyRequests { .. } => "too_many_requests",
