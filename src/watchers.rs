@@ -83,18 +83,25 @@ pub fn spawn_leaf(
     cancel: CancellationToken,
 ) -> Subscriber<Leaf> {
     let (tx, rx) = channel(None);
-    let current = rx.clone();
+    // The last leaf read (not a receiver of `tx`: the watch must still see when nobody
+    // subscribes any more).
+    let current: Arc<std::sync::Mutex<Option<LeafTiming>>> = Arc::default();
     // (serial, when) of the last non-blocking read for the current leaf.
     let mut revalidated: Option<(String, i64)> = None;
     tokio::spawn(async move {
         watch::run(LEAF, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
             let service = service.clone();
-            let leaf = current.borrow().clone();
-            let q = leaf_query(index, &settings, leaf.as_deref(), &mut revalidated);
+            let current = current.clone();
+            let leaf = current.lock().unwrap().clone();
+            let q = leaf_query(index, &settings, leaf.as_ref(), &mut revalidated);
             async move {
                 let r = client.ca_leaf(&service, q).await?;
-                Ok((Index(r.index), Leaf::from_api(&r.value, &service)))
+                let leaf = Leaf::from_api(&r.value, &service);
+                if let Ok(leaf) = &leaf {
+                    *current.lock().unwrap() = Some(LeafTiming::of(leaf));
+                }
+                Ok((Index(r.index), leaf))
             }
         })
         .await
@@ -102,16 +109,32 @@ pub fn spawn_leaf(
     rx
 }
 
-/// `wait` for leaf reads at index 0: they do not block, except through an agent fault where
-/// a non-blocking read after a cancelled blocking one blocked (hashicorp/consul#12048).
-const LEAF_NON_BLOCKING_WAIT: Duration = Duration::from_secs(10);
+/// What the leaf watch needs to know of the current leaf to schedule revalidations.
+#[derive(Clone, Debug)]
+struct LeafTiming {
+    serial: String,
+    valid_before: String,
+    overdue_at: i64,
+    not_after: i64,
+}
+
+impl LeafTiming {
+    fn of(leaf: &Leaf) -> Self {
+        LeafTiming {
+            serial: leaf.serial().to_owned(),
+            valid_before: leaf.valid_before().to_owned(),
+            overdue_at: leaf.renewal_overdue_at(),
+            not_after: leaf.not_after_unix(),
+        }
+    }
+}
 
 /// The next leaf query: blocking from `index`, but not past the next revalidation of the
 /// current leaf, which is a non-blocking read.
 fn leaf_query(
     index: Index,
     settings: &WatchSettings,
-    leaf: Option<&Leaf>,
+    leaf: Option<&LeafTiming>,
     revalidated: &mut Option<(String, i64)>,
 ) -> Blocking {
     let mut q = blocking(index, settings);
@@ -119,26 +142,23 @@ fn leaf_query(
         let now = unix_now();
         let last = revalidated
             .as_ref()
-            .filter(|(serial, _)| serial == leaf.serial())
+            .filter(|(serial, _)| *serial == leaf.serial)
             .map(|(_, at)| *at);
-        let due = next_revalidation(leaf.renewal_overdue_at(), leaf.not_after_unix(), last);
+        let due = next_revalidation(leaf.overdue_at, leaf.not_after, last);
         if now >= due {
             if last.is_none() {
                 tracing::warn!(
-                    serial = leaf.serial(),
-                    valid_before = leaf.valid_before(),
+                    serial = %leaf.serial,
+                    valid_before = %leaf.valid_before,
                     "the agent has not renewed our leaf certificate by 90% of its lifetime; reading it without blocking until it does"
                 );
             }
-            *revalidated = Some((leaf.serial().to_owned(), now));
+            *revalidated = Some((leaf.serial.clone(), now));
             q.index = 0;
         } else {
             let until_due = u64::try_from(due - now).unwrap_or(1).max(1);
             q.wait = q.wait.min(Duration::from_secs(until_due));
         }
-    }
-    if q.index == 0 {
-        q.wait = q.wait.min(LEAF_NON_BLOCKING_WAIT);
     }
     q
 }
@@ -248,7 +268,8 @@ fn note_registration_presence<T>(
 /// Upstream endpoint watches that long-poll the agent at once when it speaks HTTP/1.1 (plain
 /// HTTP, unix socket), where each long-poll holds a connection and the agent allows
 /// `limits.http_max_conns_per_client` (200) per client address for all proxies on the host.
-/// With the four essential watches, a proxy then holds at most about this + 4 + 2 idle.
+/// With the four essential watches, two short requests and two idle connections, a proxy
+/// then holds at most about this + 8 connections to the agent.
 pub const ENDPOINT_LONG_POLLS_HTTP1: usize = 4;
 
 /// How often an upstream without a long-poll slot reads its endpoints (from the agent's
@@ -256,8 +277,8 @@ pub const ENDPOINT_LONG_POLLS_HTTP1: usize = 4;
 /// when results churn. A stale list costs at most a retry.
 const ENDPOINTS_POLL_INTERVAL: Duration = ENDPOINTS_REFILL;
 
-/// One endpoint watch's hold on a long-poll slot: taken when one is free (at start, or later
-/// when another upstream's watch ends), then kept for the watch's life.
+/// One endpoint watch's hold on a long-poll slot: taken for a blocking read when one is free
+/// (or later, when another upstream's watch ends or fails), kept while its reads succeed.
 #[derive(Default)]
 struct LongPollSlot {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -266,6 +287,11 @@ struct LongPollSlot {
 }
 
 impl LongPollSlot {
+    /// Gives the slot back, if held.
+    fn release(&mut self) {
+        self.permit = None;
+    }
+
     /// Whether this watch may long-poll now; takes a free slot if it has none.
     fn take(&mut self, slots: &Arc<tokio::sync::Semaphore>, service: &str) -> bool {
         if self.permit.is_none() {
@@ -323,13 +349,17 @@ pub fn spawn_endpoints(
                     let client = client.clone();
                     let (service, dc) = (service.clone(), datacenter.clone());
                     let mut q = blocking(index, &settings);
-                    let pause = if slot.take(&slots, &service) {
+                    let pause = if q.index == 0 {
+                        // A first read (at start, after an error) does not block: it needs
+                        // no slot, and a watch that keeps failing holds none.
+                        slot.release();
+                        None
+                    } else if slot.take(&slots, &service) {
                         None
                     } else {
                         // Polled: a non-blocking read of the agent's cache, one per interval.
-                        let first = q.index == 0;
                         q.index = 0;
-                        (!first).then_some(ENDPOINTS_POLL_INTERVAL)
+                        Some(ENDPOINTS_POLL_INTERVAL)
                     };
                     async move {
                         if let Some(pause) = pause {
