@@ -93,7 +93,7 @@ pub fn ending(result: io::Result<Transferred>, a_is_peer: bool) -> Ending {
         // tokio-rustls reports a TCP EOF without close_notify this way; plain sockets never
         // do (their EOF is a read of 0).
         Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
-            tracing::info!(%error, "the TLS peer closed without close_notify; passing it on as a reset");
+            tracing::debug!(%error, "the TLS peer closed without close_notify; passing it on as a reset");
             Ending::Truncated
         }
         Err(error) => {

@@ -11,8 +11,8 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Installs the handlers (inside a tokio runtime). If that fails, logs it; the proxy then
-    /// cannot shut down gracefully, and [`Signals::recv`] never resolves.
+    /// Installs the handlers (inside a tokio runtime). One that cannot be installed is
+    /// logged, and that signal keeps its default action.
     pub fn install() -> Self {
         let (term, int) = (
             signal(SignalKind::terminate()),
@@ -27,14 +27,19 @@ impl Signals {
         }
     }
 
-    /// Resolves on the next SIGTERM or SIGINT.
+    /// Resolves on the next SIGTERM or SIGINT (of those whose handler was installed).
     pub async fn recv(&mut self) {
-        let (Some(term), Some(int)) = (&mut self.term, &mut self.int) else {
-            return std::future::pending().await;
-        };
+        async fn next(signal: &mut Option<Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+            () = next(&mut self.term) => tracing::info!("SIGTERM received"),
+            () = next(&mut self.int) => tracing::info!("SIGINT received"),
         }
     }
 }
