@@ -280,6 +280,10 @@ async fn over_http1_at_most_four_upstreams_long_poll_and_the_rest_still_follow_c
             .collect(),
         json!({}),
     ));
-    web.wait_log("a long-poll slot is free; long-polling this upstream's endpoints again")
-        .await;
+    // A polled upstream looks for a free slot after each read, one per 15 s.
+    web.wait_log_within(
+        "a long-poll slot is free; long-polling this upstream's endpoints again",
+        DEADLINE * 2,
+    )
+    .await;
 }
