@@ -49,16 +49,22 @@ async fn new_leaf_is_used_by_new_handshakes_and_open_connections_survive() {
 async fn a_stalled_leaf_renewal_is_caught_by_revalidating_after_expiry() {
     use std::time::{Duration, SystemTime};
     let mesh = Mesh::new().await;
-    let expiry = SystemTime::now() + Duration::from_secs(4);
+    // Whole seconds, as the certificate's notAfter: the agent re-issues at the first
+    // non-blocking read after it.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(now + 6);
     // Issued an hour ago, so 90% of its lifetime has passed already.
     mesh.agent
         .set_leaf("db", &mesh.ca.leaf_expiring("db", "dc1", expiry));
+    let renewed = mesh.ca.leaf("db", "dc1");
+    mesh.agent
+        .set_leaf_on_revalidation("db", &renewed, expiry + Duration::from_millis(1));
     let db = mesh.start_db().await;
     db.wait_log("the agent has not renewed our leaf certificate by 90% of its lifetime")
         .await;
-    let renewed = mesh.ca.leaf("db", "dc1");
-    mesh.agent
-        .set_leaf_on_revalidation("db", &renewed, expiry + Duration::from_secs(1));
     let web_leaf = mesh.ca.leaf("web", "dc1");
     eventually(
         "a new handshake presents the re-issued leaf",
