@@ -362,6 +362,15 @@ impl Listeners {
             actions.retain(|a| !self.is_failed_swap(a));
         }
         let mut prepared = self.prepare_upstreams(&actions).await;
+        // Upstreams this plan stops (and no failed move keeps): the public listener may bind
+        // one's port once it has let go.
+        let stopping: Vec<BindAddr> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StopUpstream(addr) if !prepared.kept.contains(addr) => Some(addr.clone()),
+                _ => None,
+            })
+            .collect();
         // Upstream listeners stopped by this reconciliation whose port a listener moving on it
         // needs: it waits for the old socket, and may have to put the old listener back.
         let mut retired: Vec<(UpstreamSpec, Closing)> = Vec::new();
@@ -395,7 +404,8 @@ impl Listeners {
                 }
                 Action::StartPublic(p) => {
                     tracing::info!(action = "start public", addr = %p.bind, "reconfiguring");
-                    self.start_public(p).await;
+                    // The old listener's connections drain.
+                    drop(self.start_public(p, &stopping).await);
                 }
                 Action::UpdatePublic(p) => {
                     tracing::info!(action = "update public", addr = %p.bind, "reconfiguring");
@@ -649,23 +659,51 @@ impl Listeners {
         self.failed_swaps.extend(undone);
     }
 
-    /// A new public listener address: bound first, then the old one retires; on the same port
-    /// with another address, see [`Listeners::move_public_on_its_port`].
-    async fn start_public(&mut self, p: PublicListener) {
+    /// A new public listener address: bound first, then the old one stops; on the same port
+    /// with another address, see [`Listeners::move_public_on_its_port`]. If the new address is
+    /// held by one of the `stopping` upstreams (stopped by this plan anyway), that one stops
+    /// first and the bind waits for its socket; its connections drain whether or not the bind
+    /// then succeeds. Returns the old public listener, stopped: its connections drain once it
+    /// is dropped, and its `closed` token tells when its port is free.
+    async fn start_public(&mut self, p: PublicListener, stopping: &[BindAddr]) -> Option<Closing> {
         let addr = BindAddr::Tcp(p.bind);
-        match Listener::bind(&addr, None).await {
+        let holder = stopping
+            .iter()
+            .find(|old| binds_conflict(old, &addr))
+            .and_then(|old| self.upstreams.remove(old));
+        let freed = holder.map(|old| {
+            old.endpoints_cancel.cancel();
+            self.close(old.handle, "upstream")
+        });
+        let bound = bind_replacing(&addr, None, freed.as_ref().map(Closing::closed)).await;
+        // The plan removes that upstream: not put back, its connections drain.
+        drop(freed);
+        match bound {
             Ok(l) => {
-                if let Some(old) = self.public.take() {
-                    self.retire(old.handle, "public");
-                }
+                let old = self
+                    .public
+                    .take()
+                    .map(|old| self.close(old.handle, "public"));
                 self.serve_public(l, p, Conns::new());
+                old
             }
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
                 self.move_public_on_its_port(p, error).await;
+                None
             }
             Err(error) => {
-                tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one")
+                self.public_bind_failed(&addr, &error);
+                None
             }
+        }
+    }
+
+    /// Logs a new public address that cannot be bound, saying whether an old listener stays.
+    fn public_bind_failed(&self, addr: &BindAddr, error: &std::io::Error) {
+        if self.public.is_some() {
+            tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one");
+        } else {
+            tracing::error!(%addr, %error, "cannot bind the public listener");
         }
     }
 
@@ -695,7 +733,7 @@ impl Listeners {
             let (old_addr, new_addr) = swap(old);
             binds_conflict(&old_addr, &new_addr) && !self.failed_swaps.contains(&swap(old))
         }) else {
-            tracing::error!(addr = %desired.bind, %error, "cannot bind the public listener; keeping the old one");
+            self.public_bind_failed(&BindAddr::Tcp(desired.bind), &error);
             return;
         };
         let attempted = swap(&old);

@@ -401,6 +401,69 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
     assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
 }
 
+/// Whether `port` serves a TLS handshake with web's certificate (serial `serial`); web's public
+/// listener has no app behind it, so this is how a test sees where it listens.
+async fn presents_serial(port: u16, serial: &str) -> bool {
+    let Ok(s) = tls_client::connect(port, Some(&TestCa::new("x").leaf("any", "dc1"))).await else {
+        return false;
+    };
+    tls_client::serial_of(&tls_client::server_cert(&s)) == serial
+}
+
+/// The public listener moves onto the port of an upstream removed in the same change: that
+/// upstream lets go of it first, so the public listener binds it in the same pass (nothing
+/// logged at `error`, no retry); the removed upstream's open connection drains, and the other
+/// upstream is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_moving_onto_a_removed_upstreams_port_needs_no_retry() {
+    let mesh = Mesh::new().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    mesh.agent.set_leaf("web", &web_leaf);
+    let _db = mesh.start_db().await;
+    let other_port = free_port();
+    let other = upstream_json("db", other_port);
+    mesh.agent.set_service(web_with(
+        &mesh,
+        vec![upstream_json("db", mesh.web_upstream), other.clone()],
+    ));
+    let web = mesh.start_web().await;
+    let mut removed = open_echoing(mesh.web_upstream).await;
+    let mut untouched = open_echoing(other_port).await;
+
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        mesh.web_upstream,
+        1,
+        vec![other],
+        json!({}),
+    ));
+    eventually(
+        "the public listener serves at the removed upstream's port",
+        DEADLINE,
+        || async {
+            presents_serial(mesh.web_upstream, &web_leaf.serial)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("the old public address is closed", DEADLINE, || async {
+        TcpStream::connect(("127.0.0.1", mesh.web_public))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        still_echoes(&mut removed).await,
+        "the removed upstream's open connection drains, it is not cut"
+    );
+    assert!(still_echoes(&mut untouched).await);
+    assert_eq!(round_trip(other_port, b"c").await.unwrap(), b"c");
+    assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
+
 /// The same exchange when the public listener's new port is taken by another process (on
 /// another loopback address, which a wildcard bind conflicts with): both old listeners are
 /// bound again and serve as before, and the exchange is not retried until the registration
