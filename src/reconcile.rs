@@ -111,6 +111,27 @@ pub fn find_exchange(
     ))
 }
 
+/// A rotation rather than an exchange: the public listener moves to an address that no
+/// listener of ours holds while an upstream starts where the public listener is now (public
+/// `A -> C`, an upstream `B -> A`). The upstream's new address cannot be bound until the public
+/// listener has left it, so the public listener moves first. Returns its new settings; `None`
+/// when no starting upstream needs its address, or when it moves on its own port (then the
+/// two would conflict, which a registration cannot ask for).
+pub fn public_first(actions: &[Action], public_now: Option<SocketAddr>) -> Option<PublicListener> {
+    let public_now = BindAddr::Tcp(public_now?);
+    let new_public = actions.iter().find_map(|a| match a {
+        Action::StartPublic(p) => Some(p),
+        _ => None,
+    })?;
+    if binds_conflict(&public_now, &BindAddr::Tcp(new_public.bind)) {
+        return None;
+    }
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::StartUpstream(s) if binds_conflict(&public_now, &s.bind)))
+        .then(|| new_public.clone())
+}
+
 /// A listener's move: its old address and its new one.
 type Move = (BindAddr, BindAddr);
 
@@ -360,6 +381,18 @@ impl Listeners {
             }
             // Undone (now or before): the rest of the change applies without it.
             actions.retain(|a| !self.is_failed_swap(a));
+        }
+        if let Some(public) = public_first(&actions, public_now) {
+            tracing::info!(action = "move public before upstreams", addr = %public.bind, "reconfiguring");
+            // No upstream is stopped for it: one holding its new address would make this an
+            // exchange, handled above.
+            if let Some(old) = self.start_public(public, &[]).await {
+                // The upstream moving to the old address binds it next; its connections drain
+                // (`old` is dropped).
+                let _ = tokio::time::timeout(RELEASE_WAIT, old.closed().cancelled()).await;
+            }
+            // Done, or refused and logged: the retry sees what is left.
+            actions.retain(|a| !matches!(a, Action::StartPublic(_)));
         }
         let mut prepared = self.prepare_upstreams(&actions).await;
         // Upstreams this plan stops (and no failed move keeps): the public listener may bind
@@ -1020,6 +1053,32 @@ mod tests {
             None,
             "no public listener running"
         );
+    }
+
+    /// public `A -> C` while an upstream moves `B -> A`: the public listener must move first.
+    #[test]
+    fn a_public_listener_leaving_the_port_an_upstream_moves_to_moves_first() {
+        let before = config(Some(public(21000, 8080)), vec![upstream("db", 9191)]);
+        let rotated = config(Some(public(22000, 8080)), vec![upstream("db", 21000)]);
+        let actions = plan(&running(&before), &rotated);
+        let now = before.public.as_ref().map(|p| p.bind);
+        assert_eq!(public_first(&actions, now), Some(public(22000, 8080)));
+        assert_eq!(find_exchange(&actions, now), None, "not an exchange");
+        // No upstream wants its address, or the public listener is not moving: nothing first.
+        let apart = config(Some(public(22000, 8080)), vec![upstream("db", 9292)]);
+        assert_eq!(public_first(&plan(&running(&before), &apart), now), None);
+        let stays = config(Some(public(21000, 8080)), vec![upstream("db", 9292)]);
+        assert_eq!(public_first(&plan(&running(&before), &stays), now), None);
+        assert_eq!(
+            public_first(&actions, None),
+            None,
+            "no public listener running"
+        );
+        // A move on its own port (to a loopback address) is not one the upstream can follow.
+        let mut same_port = public(21000, 8080);
+        same_port.bind = "127.0.0.1:21000".parse().unwrap();
+        let own_port = config(Some(same_port), vec![upstream("db", 21000)]);
+        assert_eq!(public_first(&plan(&running(&before), &own_port), now), None);
     }
 
     /// After an exchange that failed, the listeners that are back at their old addresses wait

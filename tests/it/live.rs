@@ -410,6 +410,53 @@ async fn presents_serial(port: u16, serial: &str) -> bool {
     tls_client::serial_of(&tls_client::server_cert(&s)) == serial
 }
 
+/// A rotation, not an exchange: the public listener moves `A -> C` while the upstream moves
+/// `B -> A`. The public listener moves first, so the upstream binds `A` in the same pass: no
+/// bind fails on the way (nothing logged at `error`, no retry), and the upstream's open
+/// connection at `B` drains rather than being cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_listener_leaving_a_port_an_upstream_moves_to_needs_no_retry() {
+    let mesh = Mesh::new().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    mesh.agent.set_leaf("web", &web_leaf);
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    let mut old = open_echoing(mesh.web_upstream).await;
+    assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
+
+    let public_to = free_port();
+    mesh.agent.set_service(sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        public_to,
+        1,
+        vec![upstream_json("db", mesh.web_public)],
+        json!({}),
+    ));
+    eventually(
+        "the upstream serves at the public listener's old port",
+        DEADLINE,
+        || async {
+            let back = round_trip(mesh.web_public, b"b").await.ok()?;
+            (back == b"b").then_some(())
+        },
+    )
+    .await;
+    assert!(
+        presents_serial(public_to, &web_leaf.serial).await,
+        "the public listener serves at its new port"
+    );
+    eventually("the old upstream address is closed", DEADLINE, || async {
+        refused(mesh.web_upstream).await.then_some(())
+    })
+    .await;
+    assert!(
+        still_echoes(&mut old).await,
+        "the moved upstream's open connection drains, it is not cut"
+    );
+    assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
+
 /// The public listener moves onto the port of an upstream removed in the same change: that
 /// upstream lets go of it first, so the public listener binds it in the same pass (nothing
 /// logged at `error`, no retry); the removed upstream's open connection drains, and the other
