@@ -193,14 +193,7 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
     let (second, moved) = (free_port(), free_port());
     let register = |ports: &[u16]| {
         let ups = ports.iter().map(|p| upstream_json("db", *p)).collect();
-        mesh.agent.set_service(sidecar_json(
-            "web-sidecar-proxy",
-            "web",
-            mesh.web_public,
-            1,
-            ups,
-            json!({}),
-        ));
+        mesh.agent.set_service(web_with(&mesh, ups));
     };
     register(&[mesh.web_upstream, second]);
     eventually("the added upstream serves", DEADLINE, || async {
@@ -272,13 +265,9 @@ async fn an_upstream_retargeted_to_another_service_follows_it() {
     mesh.agent
         .set_health("cache", vec![health_entry("cache", cache.port, "dc1")]);
     assert_eq!(mesh.agent.count("GET /v1/health/connect/cache"), 0);
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_public,
-        1,
+    mesh.agent.set_service(web_with(
+        &mesh,
         vec![upstream_json("cache", mesh.web_upstream)],
-        json!({}),
     ));
     eventually(
         "connections on the listener reach cache",
@@ -371,31 +360,17 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
     let _db = mesh.start_db().await;
     let web = mesh.start_web().await;
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
-    let presents_web = |port: u16| {
-        let serial = web_leaf.serial.clone();
-        async move {
-            let Ok(s) = tls_client::connect(port, Some(&TestCa::new("x").leaf("any", "dc1"))).await
-            else {
-                return false;
-            };
-            tls_client::serial_of(&tls_client::server_cert(&s)) == serial
-        }
-    };
-    assert!(presents_web(mesh.web_public).await);
+    assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
+    mesh.agent.set_service(web_at(
         mesh.web_upstream,
-        1,
         vec![upstream_json("db", mesh.web_public)],
-        json!({}),
     ));
     eventually("each listener on the other's port", DEADLINE, || async {
         let upstream_moved = round_trip(mesh.web_public, b"b")
             .await
             .is_ok_and(|b| b == b"b");
-        (upstream_moved && presents_web(mesh.web_upstream).await).then_some(())
+        (upstream_moved && presents_serial(mesh.web_upstream, &web_leaf.serial).await).then_some(())
     })
     .await;
     assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
@@ -425,13 +400,9 @@ async fn the_public_listener_leaving_a_port_an_upstream_moves_to_needs_no_retry(
     assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
     let public_to = free_port();
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
+    mesh.agent.set_service(web_at(
         public_to,
-        1,
         vec![upstream_json("db", mesh.web_public)],
-        json!({}),
     ));
     eventually(
         "the upstream serves at the public listener's old port",
@@ -477,14 +448,8 @@ async fn the_public_listener_moving_onto_a_removed_upstreams_port_needs_no_retry
     let mut removed = open_echoing(mesh.web_upstream).await;
     let mut untouched = open_echoing(other_port).await;
 
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_upstream,
-        1,
-        vec![other],
-        json!({}),
-    ));
+    mesh.agent
+        .set_service(web_at(mesh.web_upstream, vec![other]));
     eventually(
         "the public listener serves at the removed upstream's port",
         DEADLINE,
@@ -523,13 +488,9 @@ async fn a_port_exchange_that_cannot_bind_puts_both_listeners_back() {
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
     let _squatter = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
 
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
+    mesh.agent.set_service(web_at(
         mesh.web_upstream,
-        1,
         vec![upstream_json("db", mesh.web_public)],
-        json!({}),
     ));
     web.wait_log("the exchange waits for a registration change")
         .await;
@@ -798,14 +759,7 @@ async fn listeners_moved_to_another_address_on_the_same_port_keep_serving() {
 
     let mut upstream = upstream_json("db", mesh.web_upstream);
     upstream["LocalBindAddress"] = "0.0.0.0".into();
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_public,
-        1,
-        vec![upstream],
-        json!({}),
-    ));
+    mesh.agent.set_service(web_with(&mesh, vec![upstream]));
     web.wait_log(&format!(
         "upstream listener ready addr=0.0.0.0:{}",
         mesh.web_upstream
@@ -987,10 +941,15 @@ async fn move_db_and_see_it_kept(
 
 /// web's registration with these upstreams (its public port and app as in the mesh).
 fn web_with(mesh: &Mesh, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
+    web_at(mesh.web_public, upstreams)
+}
+
+/// web's registration with its public listener on `public_port` and these upstreams.
+fn web_at(public_port: u16, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
     sidecar_json(
         "web-sidecar-proxy",
         "web",
-        mesh.web_public,
+        public_port,
         1,
         upstreams,
         json!({}),
