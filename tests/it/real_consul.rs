@@ -82,6 +82,31 @@ impl RealMesh {
         ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
+    /// Starts db's and web's consul-proxies with `args(proxy_id)` plus an admin endpoint each
+    /// (intentions already set), and waits until bytes go through; returns both (db first)
+    /// and their admin ports.
+    async fn up_with_admins(
+        &self,
+        args: impl Fn(&str) -> Vec<String>,
+    ) -> (Vec<ProxyProcess>, Vec<u16>) {
+        let mut proxies = Vec::new();
+        let mut admins = Vec::new();
+        for id in ["db-sidecar-proxy", "web-sidecar-proxy"] {
+            let admin = free_port();
+            let mut args = args(id);
+            args.extend(["-admin-addr".to_owned(), format!("127.0.0.1:{admin}")]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            proxies.push(ProxyProcess::start(&args).await);
+            admins.push(admin);
+        }
+        self.agent.wait_passing("db", 1).await;
+        eventually("bytes through web's db upstream", DEADLINE, || async {
+            echoes(self.web_upstream, b"through").await.then_some(())
+        })
+        .await;
+        (proxies, admins)
+    }
+
     /// Allows web -> db, starts both consul-proxies with -proxy-id, and waits until bytes go
     /// through.
     async fn up(&self) -> (ProxyProcess, ProxyProcess) {
@@ -637,65 +662,32 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
         ("-client-cert", &https.client_cert),
         ("-client-key", &https.client_key),
     ];
-    let mut proxies = Vec::new();
-    let mut admins = Vec::new();
-    for id in ["db-sidecar-proxy", "web-sidecar-proxy"] {
-        let admin = free_port();
-        let mut args = vec![
-            "-http-addr".to_owned(),
-            addr.clone(),
-            "-proxy-id".to_owned(),
-            id.to_owned(),
-            "-admin-addr".to_owned(),
-            format!("127.0.0.1:{admin}"),
-        ];
-        for (flag, path) in tls {
-            args.extend([flag.to_owned(), path.display().to_string()]);
-        }
-        if id == "db-sidecar-proxy" {
-            // The agent's certificate names localhost too: db verifies that name while
-            // connecting to the address given (the server-name path of the client).
-            args.extend(["-tls-server-name".to_owned(), "localhost".to_owned()]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        proxies.push(ProxyProcess::start(&args).await);
-        admins.push(admin);
-    }
-    mesh.agent.wait_passing("db", 1).await;
-    eventually("bytes through web's db upstream", DEADLINE, || async {
-        echoes(mesh.web_upstream, b"through").await.then_some(())
-    })
-    .await;
+    let (proxies, admins) = mesh
+        .up_with_admins(|id| {
+            let mut args = vec![
+                "-http-addr".to_owned(),
+                addr.clone(),
+                "-proxy-id".to_owned(),
+                id.to_owned(),
+            ];
+            for (flag, path) in tls {
+                args.extend([flag.to_owned(), path.display().to_string()]);
+            }
+            if id == "db-sidecar-proxy" {
+                // The agent's certificate names localhost too: db verifies that name while
+                // connecting to the address given (the server-name path of the client).
+                args.extend(["-tls-server-name".to_owned(), "localhost".to_owned()]);
+            }
+            args
+        })
+        .await;
 
     let web_watches = 4 + 1 + more.len();
     assert!(
         web_watches + 4 > LIMIT as usize,
         "the test must exceed the limit"
     );
-    for (admin, expected) in admins.into_iter().zip([4, web_watches]) {
-        eventually(
-            "every watch answered and none failing",
-            DEADLINE,
-            || async {
-                let status: serde_json::Value =
-                    serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
-                let watches = status["watches"].as_object()?;
-                let answered = watches
-                    .values()
-                    .filter(|w| w["failing"] == false && w["last_success_unix"].is_u64())
-                    .count();
-                (watches.len() >= expected && answered == watches.len()).then_some(())
-            },
-        )
-        .await;
-    }
-    for p in &proxies {
-        assert!(
-            !p.logs().contains("the agent refused the request (429)"),
-            "no query was refused by the connection limit:\n{}",
-            p.logs()
-        );
-    }
+    every_watch_answered_without_a_429(&proxies, &admins, [4, web_watches]).await;
 }
 
 /// Over plain HTTP (HTTP/1.1: a connection per request in flight) a proxy with many upstreams
@@ -722,28 +714,36 @@ async fn over_plain_http_a_proxy_with_many_upstreams_stays_within_the_connection
         "one long-poll per watch must exceed the limit for this test to mean anything"
     );
     mesh.agent.intention("web", "db", "allow").await;
-    let mut proxies = Vec::new();
-    let mut admins = Vec::new();
-    for id in ["db-sidecar-proxy", "web-sidecar-proxy"] {
-        let admin = free_port();
-        let mut args = mesh.proxy_args("-proxy-id", id, None);
-        args.extend(["-admin-addr".to_owned(), format!("127.0.0.1:{admin}")]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        proxies.push(ProxyProcess::start(&args).await);
-        admins.push(admin);
-    }
-    mesh.agent.wait_passing("db", 1).await;
-    eventually("bytes through web's db upstream", DEADLINE, || async {
-        echoes(mesh.web_upstream, b"through").await.then_some(())
-    })
-    .await;
-    for (admin, expected) in admins.into_iter().zip([4, web_watches]) {
+    let (proxies, admins) = mesh
+        .up_with_admins(|id| mesh.proxy_args("-proxy-id", id, None))
+        .await;
+    every_watch_answered_without_a_429(&proxies, &admins, [4, web_watches]).await;
+    let web = &proxies[1];
+    assert_eq!(
+        web.logs()
+            .matches("polling this upstream's endpoints instead")
+            .count(),
+        web_watches - 4 - 4,
+        "{}",
+        web.logs()
+    );
+}
+
+/// Waits until every agent watch of db's and web's proxies (at least `expected` of each) has
+/// been answered and none is failing, then checks that the agent refused none of their
+/// queries with 429.
+async fn every_watch_answered_without_a_429(
+    proxies: &[ProxyProcess],
+    admins: &[u16],
+    expected: [usize; 2],
+) {
+    for (admin, expected) in admins.iter().zip(expected) {
         eventually(
             "every watch answered and none failing",
             DEADLINE,
             || async {
                 let status: serde_json::Value =
-                    serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
+                    serde_json::from_str(&admin_get(*admin, "/status").await.1).unwrap();
                 let watches = status["watches"].as_object()?;
                 let answered = watches
                     .values()
@@ -754,22 +754,13 @@ async fn over_plain_http_a_proxy_with_many_upstreams_stays_within_the_connection
         )
         .await;
     }
-    for p in &proxies {
+    for p in proxies {
         assert!(
             !p.logs().contains("the agent refused the request (429)"),
             "no query was refused by the connection limit:\n{}",
             p.logs()
         );
     }
-    let web = &proxies[1];
-    assert_eq!(
-        web.logs()
-            .matches("polling this upstream's endpoints instead")
-            .count(),
-        web_watches - 4 - 4,
-        "{}",
-        web.logs()
-    );
 }
 
 /// A prepared-query upstream against a real agent reaches what the query returns, including an
