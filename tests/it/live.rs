@@ -193,7 +193,7 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
     let (second, moved) = (free_port(), free_port());
     let register = |ports: &[u16]| {
         let ups = ports.iter().map(|p| upstream_json("db", *p)).collect();
-        mesh.agent.set_service(web_with(&mesh, ups));
+        mesh.agent.set_service(mesh.web_with(ups));
     };
     register(&[mesh.web_upstream, second]);
     eventually("the added upstream serves", DEADLINE, || async {
@@ -265,10 +265,8 @@ async fn an_upstream_retargeted_to_another_service_follows_it() {
     mesh.agent
         .set_health("cache", vec![health_entry("cache", cache.port, "dc1")]);
     assert_eq!(mesh.agent.count("GET /v1/health/connect/cache"), 0);
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![upstream_json("cache", mesh.web_upstream)],
-    ));
+    mesh.agent
+        .set_service(mesh.web_with(vec![upstream_json("cache", mesh.web_upstream)]));
     eventually(
         "connections on the listener reach cache",
         DEADLINE,
@@ -315,17 +313,10 @@ async fn two_upstreams_trading_ports_serve_each_others_targets() {
         .set_health("cache", vec![health_entry("cache", cache.port, "dc1")]);
     let cache_port = free_port();
     let web = |db_port: u16, cache_port: u16| {
-        sidecar_json(
-            "web-sidecar-proxy",
-            "web",
-            mesh.web_public,
-            1,
-            vec![
-                upstream_json("db", db_port),
-                upstream_json("cache", cache_port),
-            ],
-            json!({}),
-        )
+        mesh.web_with(vec![
+            upstream_json("db", db_port),
+            upstream_json("cache", cache_port),
+        ])
     };
     mesh.agent.set_service(web(mesh.web_upstream, cache_port));
     let _db = mesh.start_db().await;
@@ -362,7 +353,7 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
     assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
-    mesh.agent.set_service(web_at(
+    mesh.agent.set_service(mesh.web_at(
         mesh.web_upstream,
         vec![upstream_json("db", mesh.web_public)],
     ));
@@ -400,10 +391,8 @@ async fn the_public_listener_leaving_a_port_an_upstream_moves_to_needs_no_retry(
     assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
     let public_to = free_port();
-    mesh.agent.set_service(web_at(
-        public_to,
-        vec![upstream_json("db", mesh.web_public)],
-    ));
+    mesh.agent
+        .set_service(mesh.web_at(public_to, vec![upstream_json("db", mesh.web_public)]));
     eventually(
         "the upstream serves at the public listener's old port",
         DEADLINE,
@@ -440,16 +429,14 @@ async fn the_public_listener_moving_onto_a_removed_upstreams_port_needs_no_retry
     let _db = mesh.start_db().await;
     let other_port = free_port();
     let other = upstream_json("db", other_port);
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![upstream_json("db", mesh.web_upstream), other.clone()],
-    ));
+    mesh.agent
+        .set_service(mesh.web_with(vec![upstream_json("db", mesh.web_upstream), other.clone()]));
     let web = mesh.start_web().await;
     let mut removed = open_echoing(mesh.web_upstream).await;
     let mut untouched = open_echoing(other_port).await;
 
     mesh.agent
-        .set_service(web_at(mesh.web_upstream, vec![other]));
+        .set_service(mesh.web_at(mesh.web_upstream, vec![other]));
     eventually(
         "the public listener serves at the removed upstream's port",
         DEADLINE,
@@ -488,7 +475,7 @@ async fn a_port_exchange_that_cannot_bind_puts_both_listeners_back() {
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
     let _squatter = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
 
-    mesh.agent.set_service(web_at(
+    mesh.agent.set_service(mesh.web_at(
         mesh.web_upstream,
         vec![upstream_json("db", mesh.web_public)],
     ));
@@ -759,7 +746,7 @@ async fn listeners_moved_to_another_address_on_the_same_port_keep_serving() {
 
     let mut upstream = upstream_json("db", mesh.web_upstream);
     upstream["LocalBindAddress"] = "0.0.0.0".into();
-    mesh.agent.set_service(web_with(&mesh, vec![upstream]));
+    mesh.agent.set_service(mesh.web_with(vec![upstream]));
     web.wait_log(&format!(
         "upstream listener ready addr=0.0.0.0:{}",
         mesh.web_upstream
@@ -921,9 +908,7 @@ async fn move_db_and_see_it_kept(
     open: &mut TcpStream,
     address: &str,
 ) {
-    mesh.agent.set_service(web_with(
-        mesh,
-        vec![json!({"DestinationName": "db", "LocalBindAddress": address, "LocalBindPort": mesh.web_upstream})],
+    mesh.agent.set_service(mesh.web_with(vec![json!({"DestinationName": "db", "LocalBindAddress": address, "LocalBindPort": mesh.web_upstream})],
     ));
     wait_count(web, "upstream listener kept at its previous address", 2).await;
     let mut b = [0u8; 1];
@@ -937,23 +922,6 @@ async fn move_db_and_see_it_kept(
         !logs.contains("stopping a listener removed from the registration"),
         "{logs}"
     );
-}
-
-/// web's registration with these upstreams (its public port and app as in the mesh).
-fn web_with(mesh: &Mesh, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
-    web_at(mesh.web_public, upstreams)
-}
-
-/// web's registration with its public listener on `public_port` and these upstreams.
-fn web_at(public_port: u16, upstreams: Vec<serde_json::Value>) -> serde_json::Value {
-    sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        public_port,
-        1,
-        upstreams,
-        json!({}),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -982,7 +950,7 @@ async fn a_registration_change_made_while_starting_is_applied() {
     let moved = free_port();
     let seen = mesh.agent.count("GET /v1/agent/service/web-sidecar-proxy");
     mesh.agent
-        .set_service(web_with(&mesh, vec![upstream_json("db", moved)]));
+        .set_service(mesh.web_with(vec![upstream_json("db", moved)]));
     eventually("web re-read its registration", DEADLINE, || async {
         (mesh.agent.count("GET /v1/agent/service/web-sidecar-proxy") > seen).then_some(())
     })
@@ -1009,7 +977,7 @@ async fn an_upstream_that_cannot_move_keeps_serving_and_moves_once_it_can() {
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = blocker.local_addr().unwrap().port();
     mesh.agent
-        .set_service(web_with(&mesh, vec![upstream_json("db", taken)]));
+        .set_service(mesh.web_with(vec![upstream_json("db", taken)]));
     web.wait_log("upstream listener kept at its previous address")
         .await;
     assert!(
@@ -1040,9 +1008,7 @@ async fn an_upstream_the_agent_cannot_answer_for_does_not_keep_the_proxy_from_se
     let mesh = Mesh::new().await;
     let _db = mesh.start_db().await;
     let missing_query = free_port();
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![
+    mesh.agent.set_service(mesh.web_with(vec![
             upstream_json("db", mesh.web_upstream),
             json!({"DestinationType": "prepared_query", "DestinationName": "nope", "LocalBindPort": missing_query}),
         ],
@@ -1064,18 +1030,15 @@ async fn a_removed_upstream_stops_its_endpoint_watch() {
     let cache_port = free_port();
     mesh.agent
         .set_health("cache", vec![health_entry("cache", mesh.db_public, "dc1")]);
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![
-            upstream_json("db", mesh.web_upstream),
-            upstream_json("cache", cache_port),
-        ],
-    ));
+    mesh.agent.set_service(mesh.web_with(vec![
+        upstream_json("db", mesh.web_upstream),
+        upstream_json("cache", cache_port),
+    ]));
     let web = mesh.start_web().await;
     // A connection that outlives its listener (it drains) keeps the upstream's target alive.
     let _draining = open_echoing(mesh.web_upstream).await;
     mesh.agent
-        .set_service(web_with(&mesh, vec![upstream_json("cache", cache_port)]));
+        .set_service(mesh.web_with(vec![upstream_json("cache", cache_port)]));
     web.wait_log("action=\"stop upstream\"").await;
     eventually("db's listener is gone", DEADLINE, || async {
         refused(mesh.web_upstream).await.then_some(())
@@ -1122,14 +1085,14 @@ async fn a_move_on_the_same_port_that_fails_is_undone_once_not_on_every_retry() 
     let _other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
     let wildcard = json!({"DestinationName": "db", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream});
     mesh.agent
-        .set_service(web_with(&mesh, vec![wildcard.clone()]));
+        .set_service(mesh.web_with(vec![wildcard.clone()]));
     web.wait_log("waiting for a registration change").await;
     // The restored listener serves, and no retry stops it again.
     let mut open = open_echoing(mesh.web_upstream).await;
     // An unrelated change is applied, and tries the move once more.
     let second = free_port();
     mesh.agent
-        .set_service(web_with(&mesh, vec![wildcard, upstream_json("db", second)]));
+        .set_service(mesh.web_with(vec![wildcard, upstream_json("db", second)]));
     eventually("the added upstream serves", DEADLINE, || async {
         (!refused(second).await).then_some(())
     })
@@ -1176,13 +1139,10 @@ async fn connections_of_a_listener_put_back_after_a_failed_move_are_not_cut() {
     let _db = mesh.start_db().await;
     let control_port = free_port();
     let control_upstream = upstream_json("db", control_port);
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![
-            upstream_json("db", mesh.web_upstream),
-            control_upstream.clone(),
-        ],
-    ));
+    mesh.agent.set_service(mesh.web_with(vec![
+        upstream_json("db", mesh.web_upstream),
+        control_upstream.clone(),
+    ]));
     let web = mesh.start_web_with(&["-drain-timeout", "1s"]).await;
     let mut kept = open_echoing(mesh.web_upstream).await;
     let mut control = open_echoing(control_port).await;
@@ -1191,15 +1151,13 @@ async fn connections_of_a_listener_put_back_after_a_failed_move_are_not_cut() {
     let _other = std::net::TcpListener::bind(("127.0.0.2", mesh.web_upstream)).unwrap();
     let wildcard = json!({"DestinationName": "db", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream});
     mesh.agent
-        .set_service(web_with(&mesh, vec![wildcard, control_upstream]));
+        .set_service(mesh.web_with(vec![wildcard, control_upstream]));
     web.wait_log("waiting for a registration change").await;
 
     // The control upstream is removed after that, with the same drain timeout: once its open
     // connection is cut at its deadline, the stopped listener's deadline has passed too.
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![upstream_json("db", mesh.web_upstream)],
-    ));
+    mesh.agent
+        .set_service(mesh.web_with(vec![upstream_json("db", mesh.web_upstream)]));
     wait_closed(&mut control).await;
     web.wait_log("drain deadline reached").await;
     assert!(
@@ -1215,7 +1173,7 @@ async fn connections_of_a_listener_put_back_after_a_failed_move_are_not_cut() {
     );
 
     // Removing the listener put back drains them with its own: cut at its deadline.
-    mesh.agent.set_service(web_with(&mesh, vec![]));
+    mesh.agent.set_service(mesh.web_with(vec![]));
     wait_closed(&mut kept).await;
 }
 
@@ -1224,9 +1182,7 @@ async fn the_listener_kept_is_the_one_that_moved_not_another_to_the_same_service
     let mesh = Mesh::new().await;
     let _db = mesh.start_db().await;
     let (a, b) = (free_port(), free_port());
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![
+    mesh.agent.set_service(mesh.web_with(vec![
             upstream_json("db", a),
             json!({"DestinationName": "db", "LocalBindPort": b, "Config": {"connect_timeout_ms": 2500}}),
         ],
@@ -1235,9 +1191,7 @@ async fn the_listener_kept_is_the_one_that_moved_not_another_to_the_same_service
     // a is removed; b moves to a port another process holds.
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = blocker.local_addr().unwrap().port();
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![json!({"DestinationName": "db", "LocalBindPort": taken, "Config": {"connect_timeout_ms": 2500}})],
+    mesh.agent.set_service(mesh.web_with(vec![json!({"DestinationName": "db", "LocalBindPort": taken, "Config": {"connect_timeout_ms": 2500}})],
     ));
     web.wait_log("upstream listener kept at its previous address")
         .await;
@@ -1262,9 +1216,7 @@ async fn a_new_upstream_on_the_port_of_one_that_cannot_move_gets_it() {
     let taken = blocker.local_addr().unwrap().port();
     mesh.agent
         .set_health("cache", vec![health_entry("db", mesh.db_public, "dc1")]);
-    mesh.agent.set_service(web_with(
-        &mesh,
-        vec![
+    mesh.agent.set_service(mesh.web_with(vec![
             upstream_json("db", taken),
             json!({"DestinationName": "cache", "LocalBindAddress": "0.0.0.0", "LocalBindPort": mesh.web_upstream}),
         ],

@@ -112,16 +112,9 @@ async fn no_healthy_endpoint_closes_the_local_connection() {
 async fn prepared_query_upstream_reaches_the_query_result() {
     let mesh = Mesh::new().await;
     let port = free_port();
-    let mut web = crate::support::fake_agent::sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_public,
-        1,
-        vec![
-            json!({"DestinationType": "prepared_query", "DestinationName": "db-query", "LocalBindPort": port}),
-        ],
-        json!({}),
-    );
+    let mut web = mesh.web_with(vec![
+        json!({"DestinationType": "prepared_query", "DestinationName": "db-query", "LocalBindPort": port}),
+    ]);
     web["Proxy"]["Upstreams"][0]["MeshGateway"] = json!({});
     mesh.agent.set_service(web);
     let mut node = health_entry("db", mesh.db_public, "dc1");
@@ -186,7 +179,7 @@ async fn an_upstream_cut_mid_response_reaches_the_local_client_as_a_reset() {
 /// upstream goes to a polling one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http1_at_most_four_upstreams_long_poll_and_the_rest_still_follow_changes() {
-    use crate::support::fake_agent::{sidecar_json, upstream_json};
+    use crate::support::fake_agent::upstream_json;
     let mesh = Mesh::new().await;
     let names = ["db", "u1", "u2", "u3", "u4", "u5"];
     let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
@@ -195,18 +188,15 @@ async fn over_http1_at_most_four_upstreams_long_poll_and_the_rest_still_follow_c
         mesh.agent
             .set_health(name, vec![health_entry("db", mesh.db_public, "dc1")]);
     }
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_public,
-        1,
-        names
-            .iter()
-            .zip(&ports)
-            .map(|(n, p)| upstream_json(n, *p))
-            .collect(),
-        json!({}),
-    ));
+    mesh.agent.set_service(
+        mesh.web_with(
+            names
+                .iter()
+                .zip(&ports)
+                .map(|(n, p)| upstream_json(n, *p))
+                .collect(),
+        ),
+    );
     let _db = mesh.start_db().await;
     let web = mesh.start_web().await;
 
@@ -267,19 +257,16 @@ async fn over_http1_at_most_four_upstreams_long_poll_and_the_rest_still_follow_c
 
     // Removing an upstream that long-polls frees its slot for one that polls.
     let removed = &long_polled[0];
-    mesh.agent.set_service(sidecar_json(
-        "web-sidecar-proxy",
-        "web",
-        mesh.web_public,
-        1,
-        names
-            .iter()
-            .zip(&ports)
-            .filter(|(n, _)| *n != removed)
-            .map(|(n, p)| upstream_json(n, *p))
-            .collect(),
-        json!({}),
-    ));
+    mesh.agent.set_service(
+        mesh.web_with(
+            names
+                .iter()
+                .zip(&ports)
+                .filter(|(n, _)| *n != removed)
+                .map(|(n, p)| upstream_json(n, *p))
+                .collect(),
+        ),
+    );
     // A polled upstream looks for a free slot after each read, one per 15 s.
     web.wait_log_within(
         "a long-poll slot is free; long-polling this upstream's endpoints again",

@@ -91,18 +91,10 @@ async fn a_registration_change_during_the_drain_does_not_stop_the_exit() {
     let _held = open_echoing(mesh.web_upstream).await;
     web.signal("TERM");
     web.wait_notify("STOPPING=1").await;
-    mesh.agent
-        .set_service(crate::support::fake_agent::sidecar_json(
-            "web-sidecar-proxy",
-            "web",
-            mesh.web_public,
-            1,
-            vec![
-                crate::support::fake_agent::upstream_json("db", mesh.web_upstream),
-                crate::support::fake_agent::upstream_json("db", crate::support::free_port()),
-            ],
-            serde_json::json!({}),
-        ));
+    mesh.agent.set_service(mesh.web_with(vec![
+        crate::support::fake_agent::upstream_json("db", mesh.web_upstream),
+        crate::support::fake_agent::upstream_json("db", crate::support::free_port()),
+    ]));
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
     assert!(
         web.logs()

@@ -36,13 +36,9 @@ impl Mesh {
         agent.set_leaf("db", &ca.leaf("db", "dc1"));
         agent.set_service(json!({"ID": "web", "Service": "web", "Port": 1, "Address": "", "Tags": [], "Meta": {}, "Datacenter": "dc1"}));
         agent.set_service(json!({"ID": "db", "Service": "db", "Port": echo.port, "Address": "", "Tags": [], "Meta": {}, "Datacenter": "dc1"}));
-        agent.set_service(sidecar_json(
-            "web-sidecar-proxy",
-            "web",
+        agent.set_service(web_sidecar(
             web_public,
-            1,
             vec![upstream_json("db", web_upstream)],
-            json!({}),
         ));
         agent.set_service(sidecar_json(
             "db-sidecar-proxy",
@@ -62,6 +58,17 @@ impl Mesh {
             web_upstream,
             web_public,
         }
+    }
+
+    /// web's sidecar registration with its public listener on `public_port` and these
+    /// upstreams (no local app: web's public listener only shows where it listens).
+    pub fn web_at(&self, public_port: u16, upstreams: Vec<Value>) -> Value {
+        web_sidecar(public_port, upstreams)
+    }
+
+    /// web's sidecar registration with these upstreams (its public port as in the mesh).
+    pub fn web_with(&self, upstreams: Vec<Value>) -> Value {
+        web_sidecar(self.web_public, upstreams)
     }
 
     /// Registers db's sidecar in front of another local app (before db starts).
@@ -107,4 +114,16 @@ impl Mesh {
         args.extend(extra.iter().map(|s| s.to_string()));
         ProxyProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
+}
+
+/// web's sidecar registration (see [`Mesh::web_at`]).
+fn web_sidecar(public_port: u16, upstreams: Vec<Value>) -> Value {
+    sidecar_json(
+        "web-sidecar-proxy",
+        "web",
+        public_port,
+        1,
+        upstreams,
+        json!({}),
+    )
 }
