@@ -143,6 +143,12 @@ impl ConsulClient {
             .map_err(|e| ConsulError::Setup(e.to_string()))?;
         let base = Url::parse(&format!("{scheme}://{host}{}/", config.addr.path_prefix))
             .map_err(|e| ConsulError::Setup(format!("bad agent address: {e}")))?;
+        // Over HTTP/2 short requests share the one connection: no bound needed.
+        let short = tokio::sync::Semaphore::new(if multiplexed(&base) {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            SHORT_REQUESTS_HTTP1
+        });
         Ok(ConsulClient {
             inner: Arc::new(Inner {
                 http,
@@ -150,10 +156,7 @@ impl ConsulClient {
                 display: config.addr.to_string(),
                 token: Mutex::new(token),
                 token_file,
-                short: tokio::sync::Semaphore::new(match config.addr.scheme {
-                    Scheme::Https => tokio::sync::Semaphore::MAX_PERMITS,
-                    Scheme::Http => SHORT_REQUESTS_HTTP1,
-                }),
+                short,
             }),
         })
     }
@@ -338,7 +341,7 @@ impl ConsulClient {
     /// negotiates HTTP/2. Over plain HTTP and unix sockets (HTTP/1.1) every request in
     /// flight, a long-poll included, holds a connection of its own.
     pub fn shares_connections(&self) -> bool {
-        self.inner.base.scheme() == "https"
+        multiplexed(&self.inner.base)
     }
 
     /// The agent address, for messages.
@@ -580,6 +583,12 @@ pub fn blocking_timeout(wait: Duration) -> Duration {
 
 fn header_str<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Whether requests to the agent at `base` share one connection (HTTPS: the agent
+/// negotiates HTTP/2).
+fn multiplexed(base: &Url) -> bool {
+    base.scheme() == "https"
 }
 
 /// Resolves every name the HTTP client asks for (only ever the `-tls-server-name`) to the
