@@ -465,21 +465,26 @@ mod tests {
         assert_eq!(counters.b_to_a.load(Ordering::Relaxed), 0);
     }
 
-    /// Yields its scripted reads back to back (all ready), accepts and drops writes.
-    struct Scripted(std::collections::VecDeque<io::Result<Vec<u8>>>);
+    /// Yields its scripted reads in order (`None`: not ready once, then woken at once),
+    /// accepts and drops writes; pending for ever after the script.
+    struct Scripted(std::collections::VecDeque<Option<io::Result<Vec<u8>>>>);
 
     impl AsyncRead for Scripted {
         fn poll_read(
             mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
             match self.0.pop_front() {
-                Some(Ok(data)) => {
+                Some(Some(Ok(data))) => {
                     buf.put_slice(&data);
                     Poll::Ready(Ok(()))
                 }
-                Some(Err(e)) => Poll::Ready(Err(e)),
+                Some(Some(Err(e))) => Poll::Ready(Err(e)),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 None => Poll::Pending,
             }
         }
@@ -507,8 +512,8 @@ mod tests {
         // close_notify: the data, then UnexpectedEof on the next read of the same batch.
         let mut peer = Scripted(
             [
-                Ok(b"last words".to_vec()),
-                Err(io::ErrorKind::UnexpectedEof.into()),
+                Some(Ok(b"last words".to_vec())),
+                Some(Err(io::ErrorKind::UnexpectedEof.into())),
             ]
             .into(),
         );
@@ -524,46 +529,6 @@ mod tests {
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"last words", "the bytes before it were delivered");
-    }
-
-    /// Reads: data, then "not ready" once (waking itself), then an error.
-    struct DataThenLaterError(std::collections::VecDeque<Option<io::Result<Vec<u8>>>>);
-
-    impl AsyncRead for DataThenLaterError {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            match self.0.pop_front() {
-                Some(Some(Ok(data))) => {
-                    buf.put_slice(&data);
-                    Poll::Ready(Ok(()))
-                }
-                Some(Some(Err(e))) => Poll::Ready(Err(e)),
-                Some(None) => {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
-                None => Poll::Pending,
-            }
-        }
-    }
-
-    impl AsyncWrite for DataThenLaterError {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Ok(b.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
     }
 
     /// A writer that, like a TLS stream, takes writes into its own buffer and passes them on
@@ -611,7 +576,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_held_by_the_writer_are_flushed_before_a_later_read_error() {
-        let mut peer = DataThenLaterError(
+        let mut peer = Scripted(
             [
                 Some(Ok(b"held by TLS".to_vec())),
                 None,
