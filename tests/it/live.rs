@@ -370,10 +370,10 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
 /// Whether `port` serves a TLS handshake with web's certificate (serial `serial`); web's public
 /// listener has no app behind it, so this is how a test sees where it listens.
 async fn presents_serial(port: u16, serial: &str) -> bool {
-    let Ok(s) = tls_client::connect(port, Some(&TestCa::new("x").leaf("any", "dc1"))).await else {
-        return false;
-    };
-    tls_client::serial_of(&tls_client::server_cert(&s)) == serial
+    let client = TestCa::new("x").leaf("any", "dc1");
+    tls_client::presented_serial(port, Some(&client))
+        .await
+        .is_some_and(|presented| presented == serial)
 }
 
 /// A rotation, not an exchange: the public listener moves `A -> C` while the upstream moves

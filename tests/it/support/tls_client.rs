@@ -206,6 +206,13 @@ pub fn server_cert(s: &tokio_rustls::client::TlsStream<TcpStream>) -> Certificat
         .into_owned()
 }
 
+/// The serial of the certificate the server at `port` presents to a client showing `leaf`,
+/// or `None` if the handshake fails.
+pub async fn presented_serial(port: u16, leaf: Option<&TestLeaf>) -> Option<String> {
+    let s = connect(port, leaf).await.ok()?;
+    Some(serial_of(&server_cert(&s)))
+}
+
 /// Serial (colon hex) of a DER certificate.
 pub fn serial_of(der: &CertificateDer<'_>) -> String {
     use x509_parser::prelude::FromDer;
