@@ -2,6 +2,7 @@
 //! a typed snapshot (`None` until the first good value).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch::channel;
@@ -27,6 +28,33 @@ pub const ESSENTIAL: [&str; 4] = [ROOTS, LEAF, INTENTIONS, PROXY_CONFIG];
 
 /// How often prepared queries (which cannot block) are re-executed.
 pub const PREPARED_QUERY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The pause after a first empty answer of a polled endpoint read; see [`poll_pause`].
+const EMPTY_ANSWER_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a polled endpoint read (a prepared query, or a service upstream without a
+/// long-poll slot) waits before the next one, after `empty_answers` empty answers in a row.
+/// An empty answer most often means the destination is not up yet, and until the next read
+/// the upstream refuses every connection; so the next read comes sooner: 1 s after the first
+/// empty answer, doubling up to the usual `interval`. (A service watch's token bucket still
+/// bounds how often it reads.)
+fn poll_pause(empty_answers: u32, interval: Duration) -> Duration {
+    match empty_answers {
+        0 => interval,
+        n => EMPTY_ANSWER_RETRY
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(interval),
+    }
+}
+
+/// Counts empty answers in a row (reset by any non-empty one), for [`poll_pause`].
+fn note_answer(empty_answers: &AtomicU32, endpoints: &Endpoints) {
+    if endpoints.list.is_empty() {
+        empty_answers.fetch_add(1, Ordering::Relaxed);
+    } else {
+        empty_answers.store(0, Ordering::Relaxed);
+    }
+}
 
 /// Endpoint watches may poll this many times back to back ...
 const ENDPOINTS_BURST: u32 = 3;
@@ -345,9 +373,11 @@ pub fn spawn_endpoints(
             tokio::spawn(async move {
                 let slots = settings.endpoint_long_polls.clone();
                 let mut slot = LongPollSlot::default();
+                let empty_answers = Arc::new(AtomicU32::new(0));
                 watch::run(&name, &settings, tx, cancel, |index: Index| {
                     let client = client.clone();
                     let (service, dc) = (service.clone(), datacenter.clone());
+                    let empty = empty_answers.clone();
                     let mut q = blocking(index, &settings);
                     let pause = if q.index == 0 {
                         // A first read (at start, after an error) does not block: it needs
@@ -359,14 +389,19 @@ pub fn spawn_endpoints(
                     } else {
                         // Polled: a non-blocking read of the agent's cache, one per interval.
                         q.index = 0;
-                        Some(ENDPOINTS_POLL_INTERVAL)
+                        Some(poll_pause(
+                            empty.load(Ordering::Relaxed),
+                            ENDPOINTS_POLL_INTERVAL,
+                        ))
                     };
                     async move {
                         if let Some(pause) = pause {
                             tokio::time::sleep(pause).await;
                         }
                         let r = client.health_connect(&service, dc.as_deref(), q).await?;
-                        Ok((Index(r.index), Ok(Endpoints::from_health(&r.value))))
+                        let endpoints = Endpoints::from_health(&r.value);
+                        note_answer(&empty, &endpoints);
+                        Ok((Index(r.index), Ok(endpoints)))
                     }
                 })
                 .await
@@ -374,16 +409,22 @@ pub fn spawn_endpoints(
         }
         Destination::PreparedQuery(query) => {
             tokio::spawn(async move {
+                let empty_answers = Arc::new(AtomicU32::new(0));
                 // The cursor counts successful polls: 0 (start, or after an error) polls at once.
                 watch::run(&name, &settings, tx, cancel, |polls: Index| {
                     let client = client.clone();
                     let (query, dc) = (query.clone(), datacenter.clone());
+                    let empty = empty_answers.clone();
                     async move {
                         if polls.0 > 0 {
-                            tokio::time::sleep(PREPARED_QUERY_INTERVAL).await;
+                            let pause =
+                                poll_pause(empty.load(Ordering::Relaxed), PREPARED_QUERY_INTERVAL);
+                            tokio::time::sleep(pause).await;
                         }
                         let r = client.prepared_query(&query, dc.as_deref()).await?;
-                        Ok((Index(polls.0 + 1), Ok(Endpoints::from_health(&r.nodes))))
+                        let endpoints = Endpoints::from_health(&r.nodes);
+                        note_answer(&empty, &endpoints);
+                        Ok((Index(polls.0 + 1), Ok(endpoints)))
                     }
                 })
                 .await
@@ -391,4 +432,36 @@ pub fn spawn_endpoints(
         }
     }
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polled_reads_come_sooner_while_the_answer_is_empty() {
+        let interval = Duration::from_secs(10);
+        assert_eq!(poll_pause(0, interval), interval);
+        let pauses: Vec<u64> = (1..=6).map(|n| poll_pause(n, interval).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(poll_pause(u32::MAX, interval), interval);
+    }
+
+    #[test]
+    fn an_answer_with_endpoints_resets_the_count_of_empty_ones() {
+        let count = AtomicU32::new(0);
+        note_answer(&count, &Endpoints::default());
+        note_answer(&count, &Endpoints::default());
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+        let one = Endpoints {
+            list: vec![crate::endpoints::Endpoint {
+                host: "127.0.0.1".into(),
+                port: 21000,
+                service: "db".into(),
+                datacenter: "dc1".into(),
+            }],
+        };
+        note_answer(&count, &one);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+    }
 }
