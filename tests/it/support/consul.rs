@@ -263,7 +263,8 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
         format!("http://{}{path}", self.addr())
     }
 
-    async fn get_raw(&self, path: &str) -> Result<Value, String> {
+    /// GET with the management token; the error says what went wrong.
+    pub async fn get_raw(&self, path: &str) -> Result<Value, String> {
         let resp = self
             .http
             .get(self.url(path))
