@@ -163,7 +163,7 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         d = ctx.authorizer.authorize(&peer) => d,
     };
     if !decision.is_allow() {
-        tracing::info!(source = %peer.id, reason = %decision.reason, "connection denied");
+        tracing::info!(source = %peer.id, reason = %decision.reason, resumed, "connection denied");
         ctx.metrics.inbound_denied.inc();
         return;
     }

@@ -232,6 +232,9 @@ pub struct TlsEchoServer {
     pub handshakes: Arc<std::sync::atomic::AtomicUsize>,
     /// Handshakes that resumed a session (this server issues tickets like any rustls server).
     pub resumed: Arc<std::sync::atomic::AtomicUsize>,
+    /// ClientHellos that offered a session ticket (a pre-shared key), whether or not this
+    /// server could use it.
+    pub psk_offers: Arc<std::sync::atomic::AtomicUsize>,
     pub bytes_received: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -251,15 +254,22 @@ impl TlsEchoServer {
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let psk_offers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let bytes_received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (h, b, res) = (handshakes.clone(), bytes_received.clone(), resumed.clone());
+        let offers = psk_offers.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let (acceptor, h, b, res) = (acceptor.clone(), h.clone(), b.clone(), res.clone());
+                let offers = offers.clone();
                 tokio::spawn(async move {
+                    let hello = peek_client_hello(&tcp).await;
+                    if hello.as_deref().and_then(offers_psk) == Some(true) {
+                        offers.fetch_add(1, Ordering::SeqCst);
+                    }
                     let Ok(mut s) = acceptor.accept(tcp).await else {
                         return;
                     };
@@ -287,10 +297,68 @@ impl TlsEchoServer {
             port,
             handshakes,
             resumed,
+            psk_offers,
             bytes_received,
             task,
         }
     }
+}
+
+/// The first TLS record a client sent (its ClientHello), read without consuming it; `None`
+/// if the client closed or sent no complete record within a few seconds.
+async fn peek_client_hello(tcp: &TcpStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let n = tcp.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= 5 {
+            let need = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+            if n >= need {
+                buf.truncate(need);
+                return Some(buf);
+            }
+        }
+        // Part of the record is still on its way: peek again shortly (bounded above).
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Whether a TLS record holding a ClientHello offers a pre-shared key (extension 41, how a
+/// TLS 1.3 client offers a session ticket); `None` if it is not a well-formed ClientHello.
+pub fn offers_psk(record: &[u8]) -> Option<bool> {
+    const HANDSHAKE: u8 = 22;
+    const CLIENT_HELLO: u8 = 1;
+    const PRE_SHARED_KEY: u16 = 41;
+    let u16_at = |b: &[u8], i: usize| Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]));
+    if *record.first()? != HANDSHAKE {
+        return None;
+    }
+    let body = record.get(5..)?;
+    if *body.first()? != CLIENT_HELLO {
+        return None;
+    }
+    // Handshake header (4), legacy version (2), random (32), then three length-prefixed
+    // fields: session id (1-byte length), cipher suites (2), compression methods (1).
+    let mut at = 4 + 2 + 32;
+    at += 1 + usize::from(*body.get(at)?);
+    at += 2 + usize::from(u16_at(body, at)?);
+    at += 1 + usize::from(*body.get(at)?);
+    let end = at + 2 + usize::from(u16_at(body, at)?);
+    if end > body.len() {
+        return None;
+    }
+    at += 2;
+    while at + 4 <= end {
+        if u16_at(body, at)? == PRE_SHARED_KEY {
+            return Some(true);
+        }
+        at += 4 + usize::from(u16_at(body, at + 2)?);
+    }
+    Some(false)
 }
 
 impl Drop for TlsEchoServer {
