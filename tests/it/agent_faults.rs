@@ -85,11 +85,46 @@ async fn agent_unreachable_at_start_waits_then_starts_when_it_appears() {
     );
     mesh.agent.restart().await;
     p.wait_ready().await;
+}
+
+/// An agent answering 500 at start is waited for like an unreachable one (the same retry
+/// loop), which lets the test count the retries: several, and one log line for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_failing_at_start_is_retried_and_logged_once() {
+    let mesh = Mesh::new().await;
+    mesh.agent.set_fault(Some(Fault::Status(
+        500,
+        "rpc error: No cluster leader".into(),
+    )));
+    let mut p = ProxyProcess::spawn(
+        &[
+            "-http-addr",
+            &mesh.agent.addr(),
+            "-proxy-id",
+            "db-sidecar-proxy",
+        ],
+        &[],
+    );
+    p.wait_log("waiting for the Consul agent").await;
+    eventually("three attempts", DEADLINE, || async {
+        (mesh.agent.count("GET /v1/agent/service/db-sidecar-proxy") >= 3).then_some(())
+    })
+    .await;
+    assert!(
+        TcpStream::connect(("127.0.0.1", mesh.db_public))
+            .await
+            .is_err(),
+        "no listener before the agent answers"
+    );
+    mesh.agent.set_fault(None);
+    p.wait_ready().await;
     assert_eq!(
         p.logs().matches("waiting for the Consul agent").count(),
         1,
-        "logged once, not per retry"
+        "logged once, not per retry:\n{}",
+        p.logs()
     );
+    p.wait_log("the Consul agent is answering").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,11 +95,15 @@ async fn sidecar_for_with_two_candidates_names_both() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_carry_traffic_enforce_and_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::new().await;
+    let trace = ["-log-level", "consul_proxy=trace"];
     let db = mesh
-        .start_db_with(&["-threads", "2", "-log-level", "consul_proxy=trace"])
+        .start_db_with(&[&["-threads", "2"][..], &trace].concat())
         .await;
-    let mut web = mesh.start_web_with(&["-threads", "3"]).await;
+    let mut web = mesh
+        .start_web_with(&[&["-threads", "3"][..], &trace].concat())
+        .await;
 
     let big = pattern(1 << 20, 5);
     assert!(round_trip(mesh.web_upstream, &big).await.unwrap() == big);
@@ -109,25 +113,46 @@ async fn worker_threads_carry_traffic_enforce_and_drain() {
             vec![i; 64]
         );
     }
-
+    // Connections are handed out in turn, so 21 of them reach every worker on both sides.
     for worker in ["worker=0", "worker=1"] {
         db.wait_log(worker).await;
+    }
+    for worker in ["worker=0", "worker=1", "worker=2"] {
+        web.wait_log(worker).await;
     }
 
     // A live connection on a worker thread is closed by an intention change.
     let mut live = open_echoing(mesh.web_upstream).await;
-    mesh.agent.set_intentions(
-        "db",
-        vec![crate::support::fake_agent::intention_json(
-            "web", "db", "deny", 9,
-        )],
-    );
+    let set = |action| {
+        mesh.agent.set_intentions(
+            "db",
+            vec![crate::support::fake_agent::intention_json(
+                "web", "db", action, 9,
+            )],
+        )
+    };
+    set("deny");
     wait_closed(&mut live).await;
     db.wait_log("closing a live connection that is no longer authorized")
         .await;
 
-    // SIGTERM drains the worker threads' connections and exits 0.
+    // SIGTERM: a connection open on a worker thread is served through the drain, and the
+    // process exits 0 once it ends.
+    set("allow");
+    crate::support::eventually("allowed again", crate::support::DEADLINE, || async {
+        (round_trip(mesh.web_upstream, b"x").await.ok()? == b"x").then_some(())
+    })
+    .await;
+    let mut held = open_echoing(mesh.web_upstream).await;
     web.signal("TERM");
+    web.wait_notify("STOPPING=1").await;
+    held.write_all(b"d").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"d", "served while draining");
+    assert!(web.is_running(), "the drain waits for the open connection");
+    held.shutdown().await.unwrap();
+    wait_closed(&mut held).await;
     assert_eq!(
         web.wait_exit(crate::support::DEADLINE).await.code(),
         Some(0)

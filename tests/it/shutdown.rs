@@ -3,7 +3,7 @@ use tokio::net::TcpStream;
 
 use crate::support::mesh::Mesh;
 use crate::support::{DEADLINE, ProxyProcess, eventually};
-use crate::support::{open_echoing, wait_closed};
+use crate::support::{open_echoing, wait_closed, wait_reset};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
@@ -46,7 +46,7 @@ async fn drain_deadline_cuts_connections_and_still_exits_0() {
     web.signal("TERM");
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
     assert!(web.logs().contains("drain deadline reached"));
-    wait_closed(&mut open).await;
+    wait_reset(&mut open).await;
 }
 
 /// An operator who does not want to wait for the drain (Ctrl-C twice, or a second SIGTERM)
@@ -69,7 +69,7 @@ async fn a_second_signal_while_draining_cuts_at_once_and_exits_0() {
         "{}",
         web.logs()
     );
-    wait_closed(&mut open).await;
+    wait_reset(&mut open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,21 +87,22 @@ async fn sigterm_before_ready_exits_0() {
 async fn a_registration_change_during_the_drain_does_not_stop_the_exit() {
     let mesh = Mesh::new().await;
     let _db = mesh.start_db().await;
-    let mut web = mesh.start_web_with(&["-drain-timeout", "1s"]).await;
-    let _held = open_echoing(mesh.web_upstream).await;
+    // The held connection keeps the drain going (no deadline to race) until the change has
+    // been seen; then letting it go must end the drain and the process.
+    let mut web = mesh.start_web_with(&["-drain-timeout", "1h"]).await;
+    let mut held = open_echoing(mesh.web_upstream).await;
     web.signal("TERM");
     web.wait_notify("STOPPING=1").await;
     mesh.agent.set_service(mesh.web_with(vec![
         crate::support::fake_agent::upstream_json("db", mesh.web_upstream),
         crate::support::fake_agent::upstream_json("db", crate::support::free_port()),
     ]));
+    web.wait_log("shutting down; ignoring a registration change")
+        .await;
+    assert!(web.is_running(), "still draining the held connection");
+    held.shutdown().await.unwrap();
+    wait_closed(&mut held).await;
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
-    assert!(
-        web.logs()
-            .contains("shutting down; ignoring a registration change"),
-        "{}",
-        web.logs()
-    );
 }
 
 /// The drain deadline also cuts a connection that is still waiting for its authorization (here

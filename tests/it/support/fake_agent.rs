@@ -73,7 +73,16 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Starts on a free loopback port. ACL default policy: allow.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Outside the ephemeral range (see `free_port`): `restart` binds this port again, and
+        // an ephemeral one could meanwhile become the local port of some outgoing connection.
+        let mut listener = None;
+        for _ in 0..10 {
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", super::free_port())).await {
+                listener = Some(l);
+                break;
+            }
+        }
+        let listener = listener.expect("a free port for the fake agent");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             data: Mutex::new(Data {

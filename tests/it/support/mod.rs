@@ -432,3 +432,17 @@ pub async fn wait_closed(s: &mut TcpStream) {
         );
     }
 }
+
+/// Waits until `s` is closed by a reset (an abort), not an orderly end of stream.
+pub async fn wait_reset(s: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("the connection was not closed before the deadline");
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "closed by a reset, not in order (after {} bytes)",
+        rest.len()
+    );
+}
