@@ -4,6 +4,8 @@
 #                    settings (one thread)
 #   consul_proxy_t2 - the same with -threads 2
 #   consul_builtin - two `consul connect proxy` processes, Consul's own proxy
+#   splice_relay   - two zero-copy plain TCP relays (bench/splice-relay.c): the machine's
+#                    ceiling for any relay pair, not a competitor
 # both configured by one loopback-only `consul agent -dev` started on first use and tracked
 # as the harness's "backend" role (stopped by PID at the end of the run).
 #
@@ -166,4 +168,32 @@ impl_consul_builtin_client_start() {
     "$CONSUL_BIN" connect proxy -http-addr "$_CP_AGENT" -proxy-id web-sidecar-proxy -log-level info >"$6/builtin-client.log" 2>&1 &
     bench_track client $! consul-builtin-client
     _cp_builtin_wait_ready "$6/builtin-client.log"
+}
+
+# --- splice_relay: the ceiling, not a competitor -------------------------------------------
+# Two plain TCP relays (bench/splice-relay.c) that move bytes with splice(2) and never copy
+# them into user space: no TLS, no copies, one thread per direction. What it moves in bulk is
+# the most any pair of relays in this topology can move on this machine; BENCHMARKS.md reads
+# the TLS proxies' bulk figures against it. Built on first use into the run's folder.
+IMPLS_KNOWN+=" splice_relay"
+IMPL_DESC_splice_relay="bench/splice-relay.c: plain TCP relay x2, splice(2) through a pipe, zero user-space copies, no TLS (a ceiling, not a proxy)"
+IMPL_TLS_splice_relay=0
+_cp_splice_relay_bin() { # WORKDIR -> prints the binary's path
+    local bin="${BENCH_OUT:-${TMPDIR:-/tmp}}/splice-relay"
+    if [[ ! -x $bin || $_CP_REPO/bench/splice-relay.c -nt $bin ]]; then
+        cc -O2 -pthread -o "$bin" "$_CP_REPO/bench/splice-relay.c" || return 1
+    fi
+    echo "$bin"
+}
+impl_splice_relay_client_start() {
+    local bin
+    bin=$(_cp_splice_relay_bin) || return 1
+    "$bin" "$1" "$2" >"$6/splice-relay-client.log" 2>&1 &
+    bench_track client $! splice-relay-client
+}
+impl_splice_relay_server_start() {
+    local bin
+    bin=$(_cp_splice_relay_bin) || return 1
+    "$bin" "$1" "$2" >"$6/splice-relay-server.log" 2>&1 &
+    bench_track server $! splice-relay-server
 }
