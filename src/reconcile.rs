@@ -172,6 +172,15 @@ fn undone_in_exchange(attempts: [(Move, bool); 2]) -> Vec<Move> {
     }
 }
 
+/// The desired public listener's settings at the address the running one keeps (its move
+/// failed): everything but the address applies at once.
+fn at_address(desired: &PublicListener, bind: SocketAddr) -> PublicListener {
+    PublicListener {
+        bind,
+        ..desired.clone()
+    }
+}
+
 /// Everything listeners and their connections share.
 pub struct Shared {
     /// Agent client (endpoint watches).
@@ -382,6 +391,9 @@ impl Listeners {
             // Undone (now or before): the rest of the change applies without it.
             actions.retain(|a| !self.is_failed_swap(a));
         }
+        // Where the public listener is now (the exchange may have moved it, or failed to put
+        // it back).
+        let public_now = self.public.as_ref().map(|p| p.settings.borrow().bind);
         if let Some(public) = public_first(&actions, public_now) {
             tracing::info!(action = "move public before upstreams", addr = %public.bind, "reconfiguring");
             // No upstream is stopped for it: one holding its new address would make this an
@@ -478,6 +490,10 @@ impl Listeners {
                 _ => None,
             })
             .collect();
+        let new_public = actions.iter().find_map(|a| match a {
+            Action::StartPublic(p) => Some(BindAddr::Tcp(p.bind)),
+            _ => None,
+        });
         let mut prepared = Prepared::default();
         for spec in &starting {
             let holder = stopping
@@ -506,7 +522,7 @@ impl Listeners {
                     tracing::error!(addr = %spec.bind, %error, "cannot bind a new upstream listener");
                     // The listener it moves from, if any, keeps serving: the one with the same
                     // settings apart from its address, else one with the same target; never one
-                    // whose port another new listener needs.
+                    // whose port another new listener (an upstream, or the public one) needs.
                     let candidates: Vec<&RunningUpstream> = stopping
                         .iter()
                         .filter(|old| !prepared.kept.contains(old))
@@ -515,6 +531,7 @@ impl Listeners {
                                 .iter()
                                 .any(|s| s.bind != spec.bind && binds_conflict(old, &s.bind))
                         })
+                        .filter(|old| !new_public.as_ref().is_some_and(|p| binds_conflict(old, p)))
                         .filter_map(|old| self.upstreams.get(*old))
                         .filter(|old| same_target(&old.spec, spec))
                         .collect();
@@ -651,7 +668,8 @@ impl Listeners {
         let bound = bind_replacing(&old_public_addr, None, Some(public_closing.closed())).await;
         let public_back = match bound {
             Ok(l) => {
-                self.serve_public(l, previous_public, public_closing.hand_over());
+                let kept = at_address(&public, previous_public.bind);
+                self.serve_public(l, kept, public_closing.hand_over());
                 true
             }
             Err(error) => {
@@ -725,18 +743,26 @@ impl Listeners {
                 None
             }
             Err(error) => {
-                self.public_bind_failed(&addr, &error);
+                self.public_bind_failed(&p, &error);
                 None
             }
         }
     }
 
-    /// Logs a new public address that cannot be bound, saying whether an old listener stays.
-    fn public_bind_failed(&self, addr: &BindAddr, error: &std::io::Error) {
-        if self.public.is_some() {
-            tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one");
-        } else {
-            tracing::error!(%addr, %error, "cannot bind the public listener");
+    /// A new public address that cannot be bound: logs it, saying whether an old listener
+    /// stays, and gives the old listener the rest of the new settings (the move is retried;
+    /// meanwhile new connections go to the new local app, with the new timeouts and limits).
+    fn public_bind_failed(&self, desired: &PublicListener, error: &std::io::Error) {
+        let addr = BindAddr::Tcp(desired.bind);
+        match &self.public {
+            Some(running) => {
+                tracing::error!(%addr, %error, "cannot bind the public listener; keeping the old one");
+                let bind = running.settings.borrow().bind;
+                running
+                    .settings
+                    .send_replace(Arc::new(at_address(desired, bind)));
+            }
+            None => tracing::error!(%addr, %error, "cannot bind the public listener"),
         }
     }
 
@@ -766,7 +792,7 @@ impl Listeners {
             let (old_addr, new_addr) = swap(old);
             binds_conflict(&old_addr, &new_addr) && !self.failed_swaps.contains(&swap(old))
         }) else {
-            self.public_bind_failed(&BindAddr::Tcp(desired.bind), &error);
+            self.public_bind_failed(&desired, &error);
             return;
         };
         let attempted = swap(&old);
@@ -786,7 +812,7 @@ impl Listeners {
             Ok(l) => {
                 self.failed_swaps.push(attempted);
                 tracing::warn!(addr = %previous.bind, "public listener kept at its previous address; the move waits for a registration change");
-                self.serve_public(l, previous, closing.hand_over());
+                self.serve_public(l, at_address(&desired, previous.bind), closing.hand_over());
             }
             Err(error) => {
                 // Its connections drain (`closing` is dropped).

@@ -502,6 +502,84 @@ async fn a_port_exchange_that_cannot_bind_puts_both_listeners_back() {
     );
 }
 
+/// One change moves db's public listener to a port another process holds and its local app to
+/// a new address: the old listener stays (the move is retried), and meanwhile serves new
+/// connections with the rest of the new settings, i.e. to the new app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_listener_kept_at_its_old_port_still_follows_the_app_move() {
+    let mesh = Mesh::new().await;
+    let db = mesh.start_db().await;
+    let leaf = mesh.ca.leaf("web", "dc1");
+    let mut before = Live::open(mesh.db_public, &leaf).await;
+    let taken = free_port();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", taken)).unwrap();
+    let (new_app, mut seen) = crate::support::recording_app(true).await;
+
+    mesh.agent.set_service(sidecar_json(
+        "db-sidecar-proxy",
+        "db",
+        taken,
+        new_app,
+        vec![],
+        json!({}),
+    ));
+    db.wait_log("cannot bind the public listener; keeping the old one")
+        .await;
+    let mut after = Live::open(mesh.db_public, &leaf).await;
+    drop(after.0.shutdown().await);
+    let (got, _) = tokio::time::timeout(DEADLINE, seen.recv())
+        .await
+        .expect("a connection reached the new app")
+        .unwrap();
+    assert_eq!(
+        got, b"ping",
+        "the new connection's bytes went to the new app"
+    );
+    assert!(before.echoes().await, "the open connection is untouched");
+    assert!(
+        db.logs()
+            .contains("the registration is not fully applied; retrying"),
+        "the move itself is retried:\n{}",
+        db.logs()
+    );
+}
+
+/// web's public listener moves onto the port of its upstream, which moves to an address that
+/// cannot be bound. The public listener is what callers reach (Consul advertises its port), so
+/// the upstream is not kept on that port for want of its new address: it stops, and the
+/// public listener takes the port in the same change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_whose_move_fails_does_not_keep_the_public_listener_out() {
+    let mesh = Mesh::new().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    mesh.agent.set_leaf("web", &web_leaf);
+    let _db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
+
+    // 192.0.2.1 (TEST-NET-1) is not an address of this host.
+    let unbindable = json!({"DestinationName": "db", "LocalBindAddress": "192.0.2.1", "LocalBindPort": free_port()});
+    mesh.agent
+        .set_service(mesh.web_at(mesh.web_upstream, vec![unbindable]));
+    web.wait_log("cannot bind a new upstream listener").await;
+    eventually(
+        "the public listener serves at the upstream's old port",
+        DEADLINE,
+        || async {
+            presents_serial(mesh.web_upstream, &web_leaf.serial)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !web.logs()
+            .contains("upstream listener kept at its previous address"),
+        "{}",
+        web.logs()
+    );
+}
+
 /// Our identity (leaf, intentions) is chosen at start-up; a registration that now fronts
 /// another service is refused as a whole instead of pointing db's identity at secret's app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
