@@ -340,7 +340,7 @@ pub async fn run_from<T, C, F, Fut>(
                 let delay = backoff(
                     failures,
                     settings.backoff_base,
-                    settings.backoff_cap,
+                    retry_cap(&err, settings.backoff_cap),
                     rand::random(),
                 );
                 if !sleep_or_cancel(delay, &cancel).await {
@@ -370,6 +370,22 @@ pub async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> boo
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+/// The longest retry delay after an answer that retrying soon will not change (403, 404)
+/// or that asks us to slow down (429). An agent that is down, restarting or answering 5xx
+/// is retried within `backoff_cap`, so that recovery is quick; these are retried less
+/// often, as the agent is up and every proxy on the host would otherwise keep asking it.
+pub const SLOW_RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// The backoff cap for a failure: [`SLOW_RETRY_CAP`] for 403, 404 and 429, else `cap`.
+fn retry_cap(err: &ConsulError, cap: Duration) -> Duration {
+    match err {
+        ConsulError::Forbidden { .. }
+        | ConsulError::NotFound { .. }
+        | ConsulError::TooManyRequests { .. } => cap.max(SLOW_RETRY_CAP),
+        _ => cap,
     }
 }
 
@@ -459,6 +475,28 @@ mod tests {
         assert_eq!(backoff(30, base, cap, 1.0), cap);
         assert_eq!(backoff(30, base, cap, 0.0), cap / 2);
         assert_eq!(backoff(u32::MAX, base, cap, 0.5), cap.mul_f64(0.75));
+    }
+
+    #[test]
+    fn answers_that_will_not_change_soon_are_retried_less_often() {
+        let cap = Duration::from_secs(10);
+        let forbidden = ConsulError::Forbidden {
+            endpoint: "e".into(),
+            permission: "service:read".into(),
+            body: "denied".into(),
+        };
+        let too_many = ConsulError::TooManyRequests {
+            endpoint: "e".into(),
+            body: "slow down".into(),
+        };
+        let not_found = ConsulError::NotFound {
+            endpoint: "e".into(),
+            body: "unknown".into(),
+        };
+        for err in [forbidden, too_many, not_found] {
+            assert_eq!(retry_cap(&err, cap), SLOW_RETRY_CAP, "{err}");
+        }
+        assert_eq!(retry_cap(&status_error(), cap), cap, "5xx: quick recovery");
     }
 
     #[test]
