@@ -58,7 +58,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 6;
 
 /// Per-socket options for every TCP connection the proxy dials: no Nagle delay
-/// (request/response latency) and keepalive (see [`KEEPALIVE_RETRIES`]). Failures are logged
+/// (request/response latency) and keepalive (see `KEEPALIVE_RETRIES`). Failures are logged
 /// and otherwise ignored: the connection still works without them.
 pub fn tune_tcp(s: &TcpStream) {
     set_nodelay(s);

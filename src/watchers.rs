@@ -122,8 +122,17 @@ pub fn spawn_leaf(
             let service = service.clone();
             let current = current.clone();
             let leaf = current.lock().unwrap().clone();
-            let q = leaf_query(index, &settings, leaf.as_ref(), &mut revalidated);
+            let (q, pause) = leaf_query(
+                index,
+                &settings,
+                leaf.as_ref(),
+                &mut revalidated,
+                unix_now(),
+            );
             async move {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 let r = client.ca_leaf(&service, q).await?;
                 let leaf = Leaf::from_api(&r.value, &service);
                 if let Ok(leaf) = &leaf {
@@ -157,23 +166,33 @@ impl LeafTiming {
     }
 }
 
-/// The next leaf query: blocking from `index`, but not past the next revalidation of the
-/// current leaf, which is a non-blocking read.
+/// The next leaf query at `now` (Unix seconds): blocking from `index`, but not past the next
+/// revalidation of the current leaf, which is a non-blocking read; and how long to wait
+/// before sending it. The wait is zero except when retrying after a failed read of a leaf
+/// that has expired: every such read asks the agent to sign a new certificate, so while the
+/// CA cannot sign, retries keep to the revalidation pace (one per
+/// `REVALIDATE_EVERY_SECS`, 30 s) instead of the watch's quicker error backoff, and
+/// a fleet of proxies stays under the servers' signing rate limit.
 fn leaf_query(
     index: Index,
     settings: &WatchSettings,
     leaf: Option<&LeafTiming>,
     revalidated: &mut Option<(String, i64)>,
-) -> Blocking {
+    now: i64,
+) -> (Blocking, Duration) {
     let mut q = blocking(index, settings);
+    let mut pause = Duration::ZERO;
     if let Some(leaf) = leaf {
-        let now = unix_now();
         let last = revalidated
             .as_ref()
             .filter(|(serial, _)| *serial == leaf.serial)
             .map(|(_, at)| *at);
         let due = next_revalidation(leaf.overdue_at, leaf.not_after, last);
-        if now >= due {
+        if index.0 == 0 && now > leaf.not_after && now < due {
+            // A retry (index 0 with a leaf known) for an expired leaf: wait for its turn.
+            pause = Duration::from_secs(u64::try_from(due - now).unwrap_or(0));
+            *revalidated = Some((leaf.serial.clone(), due));
+        } else if now >= due {
             if last.is_none() {
                 tracing::warn!(
                     serial = %leaf.serial,
@@ -188,7 +207,7 @@ fn leaf_query(
             q.wait = q.wait.min(Duration::from_secs(until_due));
         }
     }
-    q
+    (q, pause)
 }
 
 fn unix_now() -> i64 {
@@ -445,6 +464,49 @@ mod tests {
         let pauses: Vec<u64> = (1..=6).map(|n| poll_pause(n, interval).as_secs()).collect();
         assert_eq!(pauses, [1, 2, 4, 8, 10, 10]);
         assert_eq!(poll_pause(u32::MAX, interval), interval);
+    }
+
+    fn timing(overdue_at: i64, not_after: i64) -> LeafTiming {
+        LeafTiming {
+            serial: "01".into(),
+            valid_before: "then".into(),
+            overdue_at,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn a_young_leaf_is_watched_blocking_until_its_revalidation() {
+        let settings = WatchSettings::default();
+        let leaf = timing(1_000, 1_100);
+        let mut revalidated = None;
+        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, 900);
+        assert_eq!(
+            (q.index, q.wait, pause),
+            (7, Duration::from_secs(100), Duration::ZERO)
+        );
+        // A retry after an error (index 0) of a valid leaf goes at once: a cheap cache read.
+        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 900);
+        assert_eq!((q.index, pause), (0, Duration::ZERO));
+        assert_eq!(revalidated, None);
+    }
+
+    #[test]
+    fn retries_for_an_expired_leaf_keep_to_the_revalidation_pace() {
+        let settings = WatchSettings::default();
+        let leaf = timing(1_000, 1_100);
+        // The read one second after expiry (asks the agent to re-issue it) ...
+        let mut revalidated = Some(("01".to_owned(), 1_090));
+        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, 1_101);
+        assert_eq!((q.index, pause), (0, Duration::ZERO));
+        assert_eq!(revalidated, Some(("01".to_owned(), 1_101)));
+        // ... failed: the retry waits for the next turn, 30 s later, not the error backoff.
+        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 1_102);
+        assert_eq!((q.index, pause), (0, Duration::from_secs(29)));
+        assert_eq!(revalidated, Some(("01".to_owned(), 1_131)));
+        // And the one after that 30 s later again.
+        let (_, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 1_132);
+        assert_eq!(pause, Duration::from_secs(29));
     }
 
     #[test]

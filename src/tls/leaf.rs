@@ -128,7 +128,7 @@ pub const REVALIDATE_EVERY_SECS: i64 = 30;
 /// own renewal stalls, it keeps answering with the old one until that expires. A
 /// non-blocking read makes the agent revalidate its cached leaf and issue a new one if it has
 /// expired. So, as a safety net, once renewal is overdue (`overdue_at`) the leaf is read
-/// without blocking at once, then every [`REVALIDATE_EVERY_SECS`], and one second after
+/// without blocking at once, then every `REVALIDATE_EVERY_SECS` (30 s), and one second after
 /// `not_after` (the first read that can make the agent re-issue it). `last` is when this was
 /// last done for the same certificate.
 pub fn next_revalidation(overdue_at: i64, not_after: i64, last: Option<i64>) -> i64 {

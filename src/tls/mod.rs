@@ -28,7 +28,7 @@ pub use verify::{
 use crate::consul::watch::{Publisher, Subscriber};
 
 /// The crypto provider used for the mesh and for HTTPS to the agent: *ring*, with the
-/// AES-128-GCM suites preferred (see [`prefer_aes128`]).
+/// AES-128-GCM suites preferred (see `prefer_aes128`).
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
