@@ -242,6 +242,9 @@ where
                 };
                 out.push(rewritten.into());
             }
+            // An unknown Consul-style flag: spelled as a long one, so that the usage error
+            // names it (`-bogus` would otherwise read as the short flags `-b -o ...`).
+            None if dashes == 1 && name.len() > 1 => out.push(format!("-{s}").into()),
             _ => out.push(arg),
         }
     }
@@ -254,6 +257,16 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_args(std::iter::once("consul-proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn an_unknown_single_dash_flag_is_named_in_the_error() {
+        let err = Args::try_parse_args(["consul-proxy", "-bogus", "1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        assert!(err.to_string().contains("'--bogus'"), "{err}");
+        // Short help stays a short flag.
+        let help = Args::try_parse_args(["consul-proxy", "-h"]).unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
     }
 
     #[test]
