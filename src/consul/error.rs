@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
     /// The agent could not be reached, or the request timed out.
-    #[error("cannot reach the Consul agent at {addr}: {source}")]
+    #[error("cannot reach the Consul agent at {addr}: {}", with_causes(.source))]
     Unreachable {
         /// The agent address.
         addr: String,
@@ -142,9 +142,38 @@ impl ConsulError {
     }
 }
 
+/// An error's message followed by those of its causes (`a: b: c`), skipping a cause whose
+/// message the text already holds. reqwest's own message ("error sending request for url")
+/// leaves out what an operator needs: connection refused, no such socket file, timed out.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let message = c.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_agent_is_explained_down_to_the_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] Middle);
+        #[derive(Debug, thiserror::Error)]
+        #[error("middle: io failed")]
+        struct Middle(#[source] std::io::Error);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "io failed");
+        assert_eq!(with_causes(&Outer(Middle(io))), "outer: middle: io failed");
+    }
 
     fn too_many(body: &str) -> String {
         ConsulError::TooManyRequests {
