@@ -277,6 +277,7 @@ async fn start(
         workers: tuning.workers.clone(),
         inbound_active: Default::default(),
         inbound_rate: Default::default(),
+        inbound_refusals: Default::default(),
     });
     // The enforcer subscribes before the first connection is accepted, so that no change
     // published in between is taken as already seen.

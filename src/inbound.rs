@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::net::{self, Stream};
 use crate::proxy_config::PublicListener;
 use crate::spiffe::TrustDomainPolicy;
+use crate::telemetry::LogGate;
 use crate::tls::{MESH_ALPN, TlsConfigs, check_validity_periods, peer};
 
 /// What every inbound connection shares.
@@ -42,6 +43,28 @@ pub struct InboundContext {
     pub active: Arc<AtomicUsize>,
     /// New inbound connections per second, shared by every public listener.
     pub rate: Arc<RateLimit>,
+    /// Refusals by the two limits above are logged at most this often.
+    pub refusals: Arc<Refusals>,
+}
+
+/// How often a refusal by a connection limit is logged: the first at once, then one line per
+/// interval saying how many were refused meanwhile (the metrics count every one).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The log gates of the inbound limits, shared by every public listener.
+#[derive(Debug)]
+pub struct Refusals {
+    rate: LogGate,
+    over_limit: LogGate,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            rate: LogGate::new(REFUSAL_LOG_INTERVAL),
+            over_limit: LogGate::new(REFUSAL_LOG_INTERVAL),
+        }
+    }
 }
 
 /// Handles one accepted connection; `kill` cuts it (shutdown after the drain deadline).
@@ -51,19 +74,26 @@ pub async fn serve_conn(stream: Stream, ctx: Arc<InboundContext>, kill: Cancella
         .rate
         .allow(settings.max_connection_rate, std::time::Instant::now())
     {
-        // Debug only: a flood must not become a flood of log lines (the metric counts it).
-        tracing::debug!(
-            rate = settings.max_connection_rate,
-            "inbound connection rate limit reached; refusing"
-        );
+        // A flood must not become a flood of log lines: one per interval (the metric counts
+        // every refusal).
+        if let Some(unlogged) = ctx.refusals.rate.check(std::time::Instant::now()) {
+            tracing::warn!(
+                rate = settings.max_connection_rate,
+                refused_unlogged = unlogged,
+                "inbound connection rate limit reached; refusing"
+            );
+        }
         ctx.metrics.inbound_rate_limited.inc();
         return;
     }
     let Some(_slot) = Slot::take(&ctx.active, settings.max_connections) else {
-        tracing::warn!(
-            limit = settings.max_connections,
-            "inbound connection limit reached; refusing"
-        );
+        if let Some(unlogged) = ctx.refusals.over_limit.check(std::time::Instant::now()) {
+            tracing::warn!(
+                limit = settings.max_connections,
+                refused_unlogged = unlogged,
+                "inbound connection limit reached; refusing"
+            );
+        }
         ctx.metrics.inbound_over_limit.inc();
         return;
     };

@@ -215,6 +215,8 @@ pub struct Shared {
     pub inbound_active: Arc<std::sync::atomic::AtomicUsize>,
     /// New inbound connections per second (for the rate limit).
     pub inbound_rate: Arc<crate::inbound::RateLimit>,
+    /// How often refusals by those two limits are logged.
+    pub inbound_refusals: Arc<crate::inbound::Refusals>,
 }
 
 struct RunningPublic {
@@ -860,6 +862,7 @@ impl Listeners {
             metrics: s.metrics.clone(),
             active: s.inbound_active.clone(),
             rate: s.inbound_rate.clone(),
+            refusals: s.inbound_refusals.clone(),
         });
         let handle = listener::spawn(s, listener, "inbound", conns, move |stream, kill| {
             inbound::serve_conn(stream, ctx.clone(), kill)

@@ -1361,7 +1361,7 @@ async fn a_move_to_another_address_on_the_same_port_held_by_someone_else_stops_n
 async fn the_inbound_connection_rate_limit_refuses_a_flood() {
     let mesh = Mesh::with_db_config(json!({"max_inbound_connection_rate": 2})).await;
     let admin = free_port();
-    let _db = mesh
+    let db = mesh
         .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
         .await;
     // 20 connections as fast as possible: a burst of 2 passes, then 2 per second.
@@ -1399,6 +1399,15 @@ async fn the_inbound_connection_rate_limit_refuses_a_flood() {
         "{passed} let through within {window:.2} s (at most {most_passed}); {limited} refused"
     );
     assert!(passed >= 2, "the burst passes: only {passed} let through");
+    // Said, but not once per refusal: the flood takes well under the 10 s between lines.
+    let said = db
+        .logs()
+        .matches("inbound connection rate limit reached")
+        .count();
+    assert!(
+        said >= 1 && (said as u64) < limited,
+        "{said} log lines for {limited} refusals"
+    );
     // Once tokens come back, callers get through again.
     let leaf = mesh.ca.leaf("web", "dc1");
     eventually(
