@@ -368,6 +368,15 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
     assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
 }
 
+/// Waits until `port` serves a TLS handshake with the certificate `serial` (see
+/// [`presents_serial`]).
+async fn wait_presenting(port: u16, serial: &str, what: &str) {
+    eventually(what, DEADLINE, || async {
+        presents_serial(port, serial).await.then_some(())
+    })
+    .await;
+}
+
 /// Whether `port` serves a TLS handshake with web's certificate (serial `serial`); web's public
 /// listener has no app behind it, so this is how a test sees where it listens.
 async fn presents_serial(port: u16, serial: &str) -> bool {
@@ -438,14 +447,10 @@ async fn the_public_listener_moving_onto_a_removed_upstreams_port_needs_no_retry
 
     mesh.agent
         .set_service(mesh.web_at(mesh.web_upstream, vec![other]));
-    eventually(
+    wait_presenting(
+        mesh.web_upstream,
+        &web_leaf.serial,
         "the public listener serves at the removed upstream's port",
-        DEADLINE,
-        || async {
-            presents_serial(mesh.web_upstream, &web_leaf.serial)
-                .await
-                .then_some(())
-        },
     )
     .await;
     eventually("the old public address is closed", DEADLINE, || async {
@@ -562,14 +567,10 @@ async fn an_upstream_whose_move_fails_does_not_keep_the_public_listener_out() {
     mesh.agent
         .set_service(mesh.web_at(mesh.web_upstream, vec![unbindable]));
     web.wait_log("cannot bind a new upstream listener").await;
-    eventually(
+    wait_presenting(
+        mesh.web_upstream,
+        &web_leaf.serial,
         "the public listener serves at the upstream's old port",
-        DEADLINE,
-        || async {
-            presents_serial(mesh.web_upstream, &web_leaf.serial)
-                .await
-                .then_some(())
-        },
     )
     .await;
     assert!(
