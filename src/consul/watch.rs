@@ -280,6 +280,8 @@ pub async fn run_from<T, C, F, Fut>(
 {
     let mut bucket = TokenBucket::new(settings.burst, settings.refill, Instant::now());
     let mut failures: u32 = 0;
+    // Failures in a row that were 403, 404 or 429 (see `retry_backoff`).
+    let mut slow_streak: u32 = 0;
     let mut last_failure: Option<&'static str> = None;
     let mut last_rejection: Option<String> = None;
     let report = Reporting::start(&settings.health, name);
@@ -303,6 +305,7 @@ pub async fn run_from<T, C, F, Fut>(
                     tracing::info!(watch = name, failures, "agent watch recovered");
                 }
                 failures = 0;
+                slow_streak = 0;
                 last_failure = None;
                 cursor = cursor.advance(returned);
                 report.answered(value.is_err());
@@ -325,6 +328,11 @@ pub async fn run_from<T, C, F, Fut>(
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
+                slow_streak = if is_slow_to_change(&err) {
+                    slow_streak.saturating_add(1)
+                } else {
+                    0
+                };
                 report.failed(&err);
                 if last_failure != Some(err.kind()) {
                     tracing::warn!(
@@ -337,12 +345,8 @@ pub async fn run_from<T, C, F, Fut>(
                     tracing::debug!(watch = name, error = %err, failures, "agent watch still failing");
                 }
                 cursor = C::default();
-                let delay = backoff(
-                    failures,
-                    settings.backoff_base,
-                    retry_cap(&err, settings.backoff_cap),
-                    rand::random(),
-                );
+                let (count, cap) = retry_backoff(failures, slow_streak, settings.backoff_cap);
+                let delay = backoff(count, settings.backoff_base, cap, rand::random());
                 if !sleep_or_cancel(delay, &cancel).await {
                     return;
                 }
@@ -379,13 +383,26 @@ pub async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> boo
 /// often, as the agent is up and every proxy on the host would otherwise keep asking it.
 pub const SLOW_RETRY_CAP: Duration = Duration::from_secs(60);
 
-/// The backoff cap for a failure: [`SLOW_RETRY_CAP`] for 403, 404 and 429, else `cap`.
-fn retry_cap(err: &ConsulError, cap: Duration) -> Duration {
-    match err {
+/// 403, 404 and 429: answers from a working agent that a quick retry will not change, or
+/// that ask us to slow down.
+fn is_slow_to_change(err: &ConsulError) -> bool {
+    matches!(
+        err,
         ConsulError::Forbidden { .. }
-        | ConsulError::NotFound { .. }
-        | ConsulError::TooManyRequests { .. } => cap.max(SLOW_RETRY_CAP),
-        _ => cap,
+            | ConsulError::NotFound { .. }
+            | ConsulError::TooManyRequests { .. }
+    )
+}
+
+/// The failure count the next retry delay grows from, and its cap. During a streak of 403,
+/// 404 or 429 (`slow_streak` > 0) the delay grows from that streak alone up to
+/// [`SLOW_RETRY_CAP`], so that the first of them after an outage is retried soon (the agent
+/// may have just come back); other failures grow from all `failures` in a row up to `cap`.
+fn retry_backoff(failures: u32, slow_streak: u32, cap: Duration) -> (u32, Duration) {
+    if slow_streak > 0 {
+        (slow_streak, cap.max(SLOW_RETRY_CAP))
+    } else {
+        (failures, cap)
     }
 }
 
@@ -494,9 +511,13 @@ mod tests {
             body: "unknown".into(),
         };
         for err in [forbidden, too_many, not_found] {
-            assert_eq!(retry_cap(&err, cap), SLOW_RETRY_CAP, "{err}");
+            assert!(is_slow_to_change(&err), "{err}");
         }
-        assert_eq!(retry_cap(&status_error(), cap), cap, "5xx: quick recovery");
+        assert!(!is_slow_to_change(&status_error()), "5xx: quick recovery");
+        // A 403 right after nine other failures starts its own, slower climb from the start.
+        assert_eq!(retry_backoff(10, 1, cap), (1, SLOW_RETRY_CAP));
+        assert_eq!(retry_backoff(14, 5, cap), (5, SLOW_RETRY_CAP));
+        assert_eq!(retry_backoff(9, 0, cap), (9, cap));
     }
 
     #[test]
