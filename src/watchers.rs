@@ -116,6 +116,9 @@ pub fn spawn_leaf(
     let current: Arc<std::sync::Mutex<Option<LeafTiming>>> = Arc::default();
     // (serial, when) of the last non-blocking read for the current leaf.
     let mut revalidated: Option<(String, i64)> = None;
+    // Whether the last read was answered with an error by the agent itself (5xx, 429): for an
+    // expired leaf, a signing request that failed.
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     tokio::spawn(async move {
         watch::run(LEAF, &settings, tx, cancel, |index: Index| {
             let client = client.clone();
@@ -127,13 +130,24 @@ pub fn spawn_leaf(
                 &settings,
                 leaf.as_ref(),
                 &mut revalidated,
-                unix_now(),
+                LeafRead {
+                    now: unix_now(),
+                    after_refusal: refused.load(Ordering::Relaxed),
+                },
             );
+            let refused = refused.clone();
             async move {
                 if !pause.is_zero() {
                     tokio::time::sleep(pause).await;
                 }
-                let r = client.ca_leaf(&service, q).await?;
+                let r = client.ca_leaf(&service, q).await;
+                let answered_with_error = matches!(
+                    &r,
+                    Err(crate::consul::ConsulError::Status { .. }
+                        | crate::consul::ConsulError::TooManyRequests { .. })
+                );
+                refused.store(answered_with_error, Ordering::Relaxed);
+                let r = r?;
                 let leaf = Leaf::from_api(&r.value, &service);
                 if let Ok(leaf) = &leaf {
                     *current.lock().unwrap() = Some(LeafTiming::of(leaf));
@@ -166,20 +180,32 @@ impl LeafTiming {
     }
 }
 
-/// The next leaf query at `now` (Unix seconds): blocking from `index`, but not past the next
-/// revalidation of the current leaf, which is a non-blocking read; and how long to wait
-/// before sending it. The wait is zero except when retrying after a failed read of a leaf
-/// that has expired: every such read asks the agent to sign a new certificate, so while the
-/// CA cannot sign, retries keep to the revalidation pace (one per
-/// `REVALIDATE_EVERY_SECS`, 30 s) instead of the watch's quicker error backoff, and
-/// a fleet of proxies stays under the servers' signing rate limit.
+/// When a leaf query is made, as [`leaf_query`] needs to know.
+#[derive(Clone, Copy, Debug)]
+struct LeafRead {
+    /// Unix seconds.
+    now: i64,
+    /// The previous read was answered with an error by the agent (5xx, 429), not lost on
+    /// the way (agent down or busy).
+    after_refusal: bool,
+}
+
+/// The next leaf query: blocking from `index`, but not past the next revalidation of the
+/// current leaf, which is a non-blocking read; and how long to wait before sending it. The
+/// wait is zero except when retrying after the agent refused to read a leaf that has expired:
+/// every such read asks the servers to sign a new certificate, so while they cannot, retries
+/// keep to the revalidation pace (one per `REVALIDATE_EVERY_SECS`, 30 s) instead of the
+/// watch's quicker error backoff, and a fleet of proxies stays under the servers' signing rate
+/// limit. After an agent that was unreachable there was no signing to pace: the retry goes
+/// at once, so a restarted agent is asked for the leaf without delay.
 fn leaf_query(
     index: Index,
     settings: &WatchSettings,
     leaf: Option<&LeafTiming>,
     revalidated: &mut Option<(String, i64)>,
-    now: i64,
+    read: LeafRead,
 ) -> (Blocking, Duration) {
+    let now = read.now;
     let mut q = blocking(index, settings);
     let mut pause = Duration::ZERO;
     if let Some(leaf) = leaf {
@@ -188,8 +214,8 @@ fn leaf_query(
             .filter(|(serial, _)| *serial == leaf.serial)
             .map(|(_, at)| *at);
         let due = next_revalidation(leaf.overdue_at, leaf.not_after, last);
-        if index.0 == 0 && now > leaf.not_after && now < due {
-            // A retry (index 0 with a leaf known) for an expired leaf: wait for its turn.
+        if read.after_refusal && index.0 == 0 && now > leaf.not_after && now < due {
+            // A retry of a refused read of an expired leaf: wait for its turn.
             pause = Duration::from_secs(u64::try_from(due - now).unwrap_or(0));
             *revalidated = Some((leaf.serial.clone(), due));
         } else if now >= due {
@@ -480,15 +506,30 @@ mod tests {
         let settings = WatchSettings::default();
         let leaf = timing(1_000, 1_100);
         let mut revalidated = None;
-        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, 900);
+        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, at(900));
         assert_eq!(
             (q.index, q.wait, pause),
             (7, Duration::from_secs(100), Duration::ZERO)
         );
         // A retry after an error (index 0) of a valid leaf goes at once: a cheap cache read.
-        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 900);
+        let read = refused(900);
+        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, read);
         assert_eq!((q.index, pause), (0, Duration::ZERO));
         assert_eq!(revalidated, None);
+    }
+
+    fn at(now: i64) -> LeafRead {
+        LeafRead {
+            now,
+            after_refusal: false,
+        }
+    }
+
+    fn refused(now: i64) -> LeafRead {
+        LeafRead {
+            now,
+            after_refusal: true,
+        }
     }
 
     #[test]
@@ -497,16 +538,23 @@ mod tests {
         let leaf = timing(1_000, 1_100);
         // The read one second after expiry (asks the agent to re-issue it) ...
         let mut revalidated = Some(("01".to_owned(), 1_090));
-        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, 1_101);
+        let read = at(1_101);
+        let (q, pause) = leaf_query(Index(7), &settings, Some(&leaf), &mut revalidated, read);
         assert_eq!((q.index, pause), (0, Duration::ZERO));
         assert_eq!(revalidated, Some(("01".to_owned(), 1_101)));
-        // ... failed: the retry waits for the next turn, 30 s later, not the error backoff.
-        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 1_102);
+        // ... was refused: the retry waits for the next turn, 30 s later, not the error backoff.
+        let read = refused(1_102);
+        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, read);
         assert_eq!((q.index, pause), (0, Duration::from_secs(29)));
         assert_eq!(revalidated, Some(("01".to_owned(), 1_131)));
         // And the one after that 30 s later again.
-        let (_, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, 1_132);
+        let read = refused(1_132);
+        let (_, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, read);
         assert_eq!(pause, Duration::from_secs(29));
+        // An agent that was unreachable signed nothing: its retry goes at once.
+        let read = at(1_170);
+        let (q, pause) = leaf_query(Index(0), &settings, Some(&leaf), &mut revalidated, read);
+        assert_eq!((q.index, pause), (0, Duration::ZERO));
     }
 
     #[test]
