@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -55,7 +56,8 @@ static void *pump(void *arg) {
             if (n <= 0)
                 break;
             while (n > 0) {
-                ssize_t m = splice(p[0], NULL, d->to, NULL, (size_t)n, SPLICE_F_MOVE | SPLICE_F_MORE);
+                /* No SPLICE_F_MORE here: it would hold back the tail of each write. */
+                ssize_t m = splice(p[0], NULL, d->to, NULL, (size_t)n, SPLICE_F_MOVE);
                 if (m <= 0)
                     goto out;
                 n -= m;
@@ -82,6 +84,10 @@ static void *pump(void *arg) {
 static void start(int from, int to, int *refs, pthread_mutex_t *lock) {
     struct direction *d = malloc(sizeof *d);
     pthread_t t;
+    if (d == NULL) {
+        perror("malloc");
+        exit(1);
+    }
     pthread_attr_t attr;
     d->from = from;
     d->to = to;
@@ -102,10 +108,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s LISTEN_PORT TARGET_PORT\n", argv[0]);
         return 2;
     }
+    /* A peer that has gone away must fail that splice, not kill every connection. */
+    signal(SIGPIPE, SIG_IGN);
     struct sockaddr_in listen_addr = loopback(atoi(argv[1]));
     struct sockaddr_in target = loopback(atoi(argv[2]));
     int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
+    if (l < 0) {
+        perror("socket");
+        return 1;
+    }
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (bind(l, (struct sockaddr *)&listen_addr, sizeof listen_addr) != 0 || listen(l, 4096) != 0) {
         perror("listen");
@@ -120,7 +132,7 @@ int main(int argc, char **argv) {
             return 1;
         }
         int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (connect(s, (struct sockaddr *)&target, sizeof target) != 0) {
+        if (s < 0 || connect(s, (struct sockaddr *)&target, sizeof target) != 0) {
             perror("connect");
             close(c);
             close(s);
@@ -130,6 +142,10 @@ int main(int argc, char **argv) {
         nodelay(s);
         int *refs = malloc(sizeof *refs);
         pthread_mutex_t *lock = malloc(sizeof *lock);
+        if (refs == NULL || lock == NULL) {
+            perror("malloc");
+            return 1;
+        }
         *refs = 2;
         pthread_mutex_init(lock, NULL);
         start(c, s, refs, lock);

@@ -493,7 +493,7 @@ async fn agent_restart_keeps_serving_and_later_changes_apply() {
     }
 
     mesh.agent.restart().await;
-    // Retries back off up to 10 s (jittered) while the agent is down, so allow for that.
+    // Retries back off up to 10 s (jittered) while the agent is unreachable, so allow for that.
     db.wait_log_within("agent watch recovered", Duration::from_secs(60))
         .await;
     web.wait_log_within("agent watch recovered", Duration::from_secs(60))
