@@ -1,5 +1,3 @@
-use std::sync::atomic::Ordering;
-
 use serde_json::json;
 
 use crate::support::fake_agent::health_entry;
@@ -25,7 +23,7 @@ async fn server_presenting_another_service_is_refused_before_any_data() {
     // waited for: web aborts right after its side of the handshake, and the server may see
     // the reset before it has counted the handshake.)
     assert_eq!(
-        impostor.bytes_received.load(Ordering::SeqCst),
+        impostor.bytes_received_once_closed().await,
         0,
         "no client byte reached the impostor"
     );
@@ -40,7 +38,7 @@ async fn server_in_the_wrong_datacenter_is_refused() {
     let web = mesh.start_web().await;
     assert!(closed_without_data(mesh.web_upstream).await);
     web.wait_log("upstream identity check failed").await;
-    assert_eq!(other_dc.bytes_received.load(Ordering::SeqCst), 0);
+    assert_eq!(other_dc.bytes_received_once_closed().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +57,7 @@ async fn server_in_another_trust_domain_is_refused() {
     let web = mesh.start_web().await;
     assert!(closed_without_data(mesh.web_upstream).await);
     web.wait_log("not in our trust domain").await;
-    assert_eq!(server.bytes_received.load(Ordering::SeqCst), 0);
+    assert_eq!(server.bytes_received_once_closed().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +70,7 @@ async fn server_from_another_ca_is_refused() {
     let web = mesh.start_web().await;
     assert!(closed_without_data(mesh.web_upstream).await);
     web.wait_log("UnknownIssuer").await;
-    assert_eq!(fake_db.bytes_received.load(Ordering::SeqCst), 0);
+    assert_eq!(fake_db.bytes_received_once_closed().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

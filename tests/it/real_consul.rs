@@ -919,9 +919,7 @@ async fn our_upstream_refuses_a_server_with_another_services_real_certificate() 
     // (The impostor's own handshake count is not checked: web closes right after its side of
     // the handshake, and the server may see that close before it counts the handshake.)
     assert_eq!(
-        impostor
-            .bytes_received
-            .load(std::sync::atomic::Ordering::Relaxed),
+        impostor.bytes_received_once_closed().await,
         0,
         "nothing was sent to the impostor"
     );

@@ -236,7 +236,26 @@ pub struct TlsEchoServer {
     /// server could use it.
     pub psk_offers: Arc<std::sync::atomic::AtomicUsize>,
     pub bytes_received: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections accepted, and those whose handling has ended (closed either way).
+    conns: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Counts a connection as ended when its task finishes, however it finishes.
+struct Ended(
+    Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
+);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl TlsEchoServer {
@@ -258,6 +277,11 @@ impl TlsEchoServer {
         let bytes_received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (h, b, res) = (handshakes.clone(), bytes_received.clone(), resumed.clone());
         let offers = psk_offers.clone();
+        let conns: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )> = Arc::default();
+        let counted = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -265,7 +289,10 @@ impl TlsEchoServer {
                 };
                 let (acceptor, h, b, res) = (acceptor.clone(), h.clone(), b.clone(), res.clone());
                 let offers = offers.clone();
+                counted.0.fetch_add(1, Ordering::SeqCst);
+                let ended = Ended(counted.clone());
                 tokio::spawn(async move {
+                    let _ended = ended;
                     let hello = peek_client_hello(&tcp).await;
                     if hello.as_deref().and_then(offers_psk) == Some(true) {
                         offers.fetch_add(1, Ordering::SeqCst);
@@ -298,9 +325,31 @@ impl TlsEchoServer {
             handshakes,
             resumed,
             psk_offers,
+            conns,
             bytes_received,
             task,
         }
+    }
+}
+
+impl TlsEchoServer {
+    /// The bytes received from clients, once every connection accepted so far (at least one)
+    /// has ended: none can still be on its way.
+    pub async fn bytes_received_once_closed(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        super::eventually(
+            "every connection to the TLS server ended",
+            super::DEADLINE,
+            || async {
+                let (accepted, ended) = (
+                    self.conns.0.load(Ordering::SeqCst),
+                    self.conns.1.load(Ordering::SeqCst),
+                );
+                (accepted >= 1 && ended == accepted).then_some(())
+            },
+        )
+        .await;
+        self.bytes_received.load(Ordering::SeqCst)
     }
 }
 
