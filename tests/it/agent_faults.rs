@@ -22,7 +22,9 @@ async fn agent_down_after_start_keeps_existing_and_new_connections_working() {
     db.wait_log("agent watch failing").await;
 
     open.write_all(b"two").await.unwrap();
-    open.read_exact(&mut buf).await.unwrap();
+    crate::support::within("an echo", open.read_exact(&mut buf))
+        .await
+        .unwrap();
     assert_eq!(&buf, b"two", "the open connection kept flowing");
     for i in 0..10u8 {
         let back = round_trip(mesh.web_upstream, &[i; 100]).await.unwrap();

@@ -210,7 +210,9 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
     // drains (the drain timeout is long here), the new port serves.
     let mut on_second = TcpStream::connect(("127.0.0.1", second)).await.unwrap();
     on_second.write_all(b"s").await.unwrap();
-    on_second.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", on_second.read_exact(&mut b))
+        .await
+        .unwrap();
     register(&[mesh.web_upstream, moved]);
     eventually(
         "the moved upstream serves on its new port",
@@ -232,12 +234,16 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
     })
     .await;
     on_second.write_all(b"d").await.unwrap();
-    on_second.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", on_second.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"d", "a connection of a removed listener drains");
 
     // The untouched listener kept its connection throughout.
     kept.write_all(b"z").await.unwrap();
-    kept.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", kept.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"z");
     let logs = web.logs();
     assert_eq!(
@@ -1115,7 +1121,9 @@ async fn an_upstream_that_cannot_move_keeps_serving_and_moves_once_it_can() {
     );
     let mut b = [0u8; 1];
     open.write_all(b"!").await.unwrap();
-    open.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", open.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"!", "and its connection is untouched");
 
     // Once the port is free, a retry moves it.

@@ -148,7 +148,9 @@ async fn worker_threads_carry_traffic_enforce_and_drain() {
     web.wait_notify("STOPPING=1").await;
     held.write_all(b"d").await.unwrap();
     let mut b = [0u8; 1];
-    held.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", held.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"d", "served while draining");
     assert!(web.is_running(), "the drain waits for the open connection");
     held.shutdown().await.unwrap();
@@ -172,7 +174,9 @@ async fn every_proxied_socket_has_tcp_keepalive() {
     let mut open = open_echoing(mesh.web_upstream).await;
     open.write_all(b"hi").await.unwrap();
     let mut buf = [0u8; 2];
-    open.read_exact(&mut buf).await.unwrap();
+    crate::support::within("an echo", open.read_exact(&mut buf))
+        .await
+        .unwrap();
 
     // (which socket, local port, remote port): the proxies' ends of each hop.
     let sockets = [

@@ -218,7 +218,8 @@ async fn ready_answers_503_while_draining() {
 
     open.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    let _ = open.read_to_end(&mut rest).await;
+    let _ =
+        crate::support::within("the drained connection's end", open.read_to_end(&mut rest)).await;
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
 }
 

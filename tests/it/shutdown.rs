@@ -27,12 +27,19 @@ async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
         "still draining while a connection is open"
     );
     open.write_all(b"b").await.unwrap();
-    open.read_exact(&mut b).await.unwrap();
+    crate::support::within("an echo", open.read_exact(&mut b))
+        .await
+        .unwrap();
     assert_eq!(&b, b"b", "the open connection is served during the drain");
 
     open.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    open.read_to_end(&mut rest).await.unwrap();
+    crate::support::within(
+        "the end of the drained connection",
+        open.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
     assert_eq!(web.wait_exit(DEADLINE).await.code(), Some(0));
 }
 

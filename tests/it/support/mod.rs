@@ -353,6 +353,15 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Awaits `fut`, failing the test if it takes longer than [`DEADLINE`] (a read that never
+/// completes would otherwise hang the whole suite).
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not done within {DEADLINE:?}"),
+    }
+}
+
 /// Sends `data` through `port`, half-closes, and returns everything read back.
 pub async fn round_trip(port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
     let s = TcpStream::connect(("127.0.0.1", port)).await?;
