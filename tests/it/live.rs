@@ -352,11 +352,7 @@ async fn two_upstreams_trading_ports_serve_each_others_targets() {
 /// listeners stop, both new ones bind, each on the port the other held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
-    let mesh = Mesh::new().await;
-    let web_leaf = mesh.ca.leaf("web", "dc1");
-    mesh.agent.set_leaf("web", &web_leaf);
-    let _db = mesh.start_db().await;
-    let web = mesh.start_web().await;
+    let (mesh, web_leaf, _db, web) = mesh_with_web_leaf().await;
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
     assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
@@ -372,6 +368,17 @@ async fn the_public_listener_and_an_upstream_trading_ports_both_move() {
     })
     .await;
     assert!(!web.logs().contains("cannot bind"), "{}", web.logs());
+}
+
+/// A mesh with both proxies running, web's leaf known to the test (to see where web's public
+/// listener is: see [`presents_serial`]); returns the mesh, that leaf, db and web.
+async fn mesh_with_web_leaf() -> (Mesh, TestLeaf, ProxyProcess, ProxyProcess) {
+    let mesh = Mesh::new().await;
+    let web_leaf = mesh.ca.leaf("web", "dc1");
+    mesh.agent.set_leaf("web", &web_leaf);
+    let db = mesh.start_db().await;
+    let web = mesh.start_web().await;
+    (mesh, web_leaf, db, web)
 }
 
 /// Waits until `port` serves a TLS handshake with the certificate `serial` (see
@@ -398,11 +405,7 @@ async fn presents_serial(port: u16, serial: &str) -> bool {
 /// connection at `B` drains rather than being cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_listener_leaving_a_port_an_upstream_moves_to_needs_no_retry() {
-    let mesh = Mesh::new().await;
-    let web_leaf = mesh.ca.leaf("web", "dc1");
-    mesh.agent.set_leaf("web", &web_leaf);
-    let _db = mesh.start_db().await;
-    let web = mesh.start_web().await;
+    let (mesh, web_leaf, _db, web) = mesh_with_web_leaf().await;
     let mut old = open_echoing(mesh.web_upstream).await;
     assert!(presents_serial(mesh.web_public, &web_leaf.serial).await);
 
@@ -561,11 +564,7 @@ async fn a_public_listener_kept_at_its_old_port_still_follows_the_app_move() {
 /// public listener takes the port in the same change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_whose_move_fails_does_not_keep_the_public_listener_out() {
-    let mesh = Mesh::new().await;
-    let web_leaf = mesh.ca.leaf("web", "dc1");
-    mesh.agent.set_leaf("web", &web_leaf);
-    let _db = mesh.start_db().await;
-    let web = mesh.start_web().await;
+    let (mesh, web_leaf, _db, web) = mesh_with_web_leaf().await;
     assert_eq!(round_trip(mesh.web_upstream, b"a").await.unwrap(), b"a");
 
     // 192.0.2.1 (TEST-NET-1) is not an address of this host.
