@@ -82,6 +82,14 @@ pub fn plan(running: &Running, desired: &ProxyConfig) -> Vec<Action> {
     actions
 }
 
+/// The public listener a plan starts (a new one, or the running one at a new address).
+fn starting_public(actions: &[Action]) -> Option<&PublicListener> {
+    actions.iter().find_map(|a| match a {
+        Action::StartPublic(p) => Some(p),
+        _ => None,
+    })
+}
+
 /// A public listener and an upstream listener trading ports in one change (public `A -> B`
 /// while an upstream leaves `B` and another starts on `A`): neither new address can be bound
 /// while the other old listener holds it. Returns the new public listener, the upstream
@@ -91,10 +99,7 @@ pub fn find_exchange(
     public_now: Option<SocketAddr>,
 ) -> Option<(PublicListener, BindAddr, UpstreamSpec)> {
     let public_now = BindAddr::Tcp(public_now?);
-    let new_public = actions.iter().find_map(|a| match a {
-        Action::StartPublic(p) => Some(p),
-        _ => None,
-    })?;
+    let new_public = starting_public(actions)?;
     let new_public_addr = BindAddr::Tcp(new_public.bind);
     let old_upstream = actions.iter().find_map(|a| match a {
         Action::StopUpstream(addr) if binds_conflict(addr, &new_public_addr) => Some(addr),
@@ -119,10 +124,7 @@ pub fn find_exchange(
 /// two would conflict, which a registration cannot ask for).
 pub fn public_first(actions: &[Action], public_now: Option<SocketAddr>) -> Option<PublicListener> {
     let public_now = BindAddr::Tcp(public_now?);
-    let new_public = actions.iter().find_map(|a| match a {
-        Action::StartPublic(p) => Some(p),
-        _ => None,
-    })?;
+    let new_public = starting_public(actions)?;
     if binds_conflict(&public_now, &BindAddr::Tcp(new_public.bind)) {
         return None;
     }
@@ -492,10 +494,7 @@ impl Listeners {
                 _ => None,
             })
             .collect();
-        let new_public = actions.iter().find_map(|a| match a {
-            Action::StartPublic(p) => Some(BindAddr::Tcp(p.bind)),
-            _ => None,
-        });
+        let new_public = starting_public(actions).map(|p| BindAddr::Tcp(p.bind));
         let mut prepared = Prepared::default();
         for spec in &starting {
             let holder = stopping
