@@ -47,12 +47,24 @@ fn poll_pause(empty_answers: u32, interval: Duration) -> Duration {
     }
 }
 
-/// Counts empty answers in a row (reset by any non-empty one), for [`poll_pause`].
-fn note_answer(empty_answers: &AtomicU32, endpoints: &Endpoints) {
-    if endpoints.list.is_empty() {
-        empty_answers.fetch_add(1, Ordering::Relaxed);
-    } else {
-        empty_answers.store(0, Ordering::Relaxed);
+/// Empty answers in a row of one endpoint watch (reset by any non-empty one), shared between
+/// the watch's query builder and the reads it makes.
+#[derive(Clone, Default)]
+struct EmptyAnswers(Arc<AtomicU32>);
+
+impl EmptyAnswers {
+    /// The pause before the next polled read; see [`poll_pause`].
+    fn pause(&self, interval: Duration) -> Duration {
+        poll_pause(self.0.load(Ordering::Relaxed), interval)
+    }
+
+    /// Counts an answer.
+    fn note(&self, endpoints: &Endpoints) {
+        if endpoints.list.is_empty() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.0.store(0, Ordering::Relaxed);
+        }
     }
 }
 
@@ -418,7 +430,7 @@ pub fn spawn_endpoints(
             tokio::spawn(async move {
                 let slots = settings.endpoint_long_polls.clone();
                 let mut slot = LongPollSlot::default();
-                let empty_answers = Arc::new(AtomicU32::new(0));
+                let empty_answers = EmptyAnswers::default();
                 watch::run(&name, &settings, tx, cancel, |index: Index| {
                     let client = client.clone();
                     let (service, dc) = (service.clone(), datacenter.clone());
@@ -434,10 +446,7 @@ pub fn spawn_endpoints(
                     } else {
                         // Polled: a non-blocking read of the agent's cache, one per interval.
                         q.index = 0;
-                        Some(poll_pause(
-                            empty.load(Ordering::Relaxed),
-                            ENDPOINTS_POLL_INTERVAL,
-                        ))
+                        Some(empty.pause(ENDPOINTS_POLL_INTERVAL))
                     };
                     async move {
                         if let Some(pause) = pause {
@@ -445,7 +454,7 @@ pub fn spawn_endpoints(
                         }
                         let r = client.health_connect(&service, dc.as_deref(), q).await?;
                         let endpoints = Endpoints::from_health(&r.value);
-                        note_answer(&empty, &endpoints);
+                        empty.note(&endpoints);
                         Ok((Index(r.index), Ok(endpoints)))
                     }
                 })
@@ -454,7 +463,7 @@ pub fn spawn_endpoints(
         }
         Destination::PreparedQuery(query) => {
             tokio::spawn(async move {
-                let empty_answers = Arc::new(AtomicU32::new(0));
+                let empty_answers = EmptyAnswers::default();
                 // The cursor counts successful polls: 0 (start, or after an error) polls at once.
                 watch::run(&name, &settings, tx, cancel, |polls: Index| {
                     let client = client.clone();
@@ -462,13 +471,11 @@ pub fn spawn_endpoints(
                     let empty = empty_answers.clone();
                     async move {
                         if polls.0 > 0 {
-                            let pause =
-                                poll_pause(empty.load(Ordering::Relaxed), PREPARED_QUERY_INTERVAL);
-                            tokio::time::sleep(pause).await;
+                            tokio::time::sleep(empty.pause(PREPARED_QUERY_INTERVAL)).await;
                         }
                         let r = client.prepared_query(&query, dc.as_deref()).await?;
                         let endpoints = Endpoints::from_health(&r.nodes);
-                        note_answer(&empty, &endpoints);
+                        empty.note(&endpoints);
                         Ok((Index(polls.0 + 1), Ok(endpoints)))
                     }
                 })
@@ -559,10 +566,11 @@ mod tests {
 
     #[test]
     fn an_answer_with_endpoints_resets_the_count_of_empty_ones() {
-        let count = AtomicU32::new(0);
-        note_answer(&count, &Endpoints::default());
-        note_answer(&count, &Endpoints::default());
-        assert_eq!(count.load(Ordering::Relaxed), 2);
+        let interval = Duration::from_secs(10);
+        let count = EmptyAnswers::default();
+        count.note(&Endpoints::default());
+        count.note(&Endpoints::default());
+        assert_eq!(count.pause(interval), Duration::from_secs(2));
         let one = Endpoints {
             list: vec![crate::endpoints::Endpoint {
                 host: "127.0.0.1".into(),
@@ -571,7 +579,7 @@ mod tests {
                 datacenter: "dc1".into(),
             }],
         };
-        note_answer(&count, &one);
-        assert_eq!(count.load(Ordering::Relaxed), 0);
+        count.note(&one);
+        assert_eq!(count.pause(interval), interval);
     }
 }
