@@ -429,10 +429,7 @@ pub async fn open_echoing(port: u16) -> TcpStream {
 
 /// Waits until the other side closes `s` (EOF or reset); panics after the deadline.
 pub async fn wait_closed(s: &mut TcpStream) {
-    let mut rest = Vec::new();
-    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
-        .await
-        .expect("the connection was not closed before the deadline");
+    let (r, rest) = read_until_closed(s).await;
     // A reset (Err) is a close too; an orderly close must not have delivered anything first.
     if r.is_ok() {
         assert!(
@@ -444,14 +441,18 @@ pub async fn wait_closed(s: &mut TcpStream) {
 
 /// Waits until `s` is closed by a reset (an abort), not an orderly end of stream.
 pub async fn wait_reset(s: &mut TcpStream) {
-    let mut rest = Vec::new();
-    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
-        .await
-        .expect("the connection was not closed before the deadline");
+    let (r, rest) = read_until_closed(s).await;
     assert_eq!(
         r.map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionReset),
         "closed by a reset, not in order (after {} bytes)",
         rest.len()
     );
+}
+
+/// Reads `s` until it is closed, within [`DEADLINE`]: how the read ended, and what came first.
+async fn read_until_closed(s: &mut TcpStream) -> (std::io::Result<usize>, Vec<u8>) {
+    let mut rest = Vec::new();
+    let r = within("the connection's close", s.read_to_end(&mut rest)).await;
+    (r, rest)
 }
