@@ -346,18 +346,29 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
         self.send(reqwest::Method::DELETE, &path, None).await;
     }
 
-    /// Waits until `service` has `count` passing Connect endpoints.
+    /// Waits until `service` has `count` passing Connect endpoints. On timeout the panic shows
+    /// every check the agent runs, with its status and last output, so that a failure says
+    /// which check kept the endpoint out.
     pub async fn wait_passing(&self, service: &str, count: usize) {
         let path = format!("/v1/health/connect/{service}?passing");
-        eventually(
-            &format!("{count} passing endpoint(s) of {service}"),
-            DEADLINE,
-            || async {
-                let v = self.get_raw(&path).await.ok()?;
-                (v.as_array()?.len() == count).then_some(())
-            },
-        )
+        let passing = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Ok(v) = self.get_raw(&path).await {
+                    if v.as_array().map(Vec::len) == Some(count) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
         .await;
+        if passing.is_err() {
+            panic!(
+                "timed out after {DEADLINE:?} waiting for: {count} passing endpoint(s) of {service}\nthe agent's checks: {:?}\nthe agent's answer: {:?}",
+                self.get_raw("/v1/agent/checks").await,
+                self.get_raw(&format!("/v1/health/connect/{service}")).await
+            );
+        }
     }
 
     /// Creates an ACL policy and a token holding it; returns the token's secret.
