@@ -225,12 +225,22 @@ fn check_server(
     // ticket, verified then against these same roots (session stores start empty whenever the
     // roots change); check that they have not expired since.
     if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-        check_validity_periods(chain, UnixTime::now()).map_err(|e| {
+        let refused = |why: String| {
             AttemptError::Handshake(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("resumed session: {e}"),
+                format!("resumed session: {why}"),
             ))
-        })?;
+        };
+        // Tickets are kept per endpoint while its latest handshake selected our ALPN, but a
+        // ticket can arrive on one connection while another sets that flag: a session resumed
+        // without our ALPN is with a server that may skip authorization when resuming.
+        if conn.alpn_protocol() != Some(MESH_ALPN) {
+            return Err(refused(
+                "the server is not consul-proxy (it did not select the mesh ALPN protocol)"
+                    .to_owned(),
+            ));
+        }
+        check_validity_periods(chain, UnixTime::now()).map_err(|e| refused(e.to_string()))?;
     }
     let got = peer::identity(cert).map_err(AttemptError::Identity)?;
     peer::check_trust_domain(&got.id, &tls.bundle, policy).map_err(AttemptError::Identity)?;

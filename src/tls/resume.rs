@@ -9,7 +9,10 @@
 //! - tickets are kept per endpoint (address *and* port: several sidecars often share one IP,
 //!   and rustls keys its own cache by server name, which has no port), in a store that accepts
 //!   and offers them only while the endpoint's latest handshake selected [`MESH_ALPN`] and
-//!   passed the identity check; any other handshake result drops the endpoint's tickets.
+//!   passed the identity check; any other handshake result drops the endpoint's tickets;
+//! - that flag is the endpoint's, not the connection's (a ticket arrives after its handshake,
+//!   when another connection may have set it), so a session the server resumed without
+//!   selecting [`MESH_ALPN`] is refused before any byte goes over it (`outbound::check_server`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

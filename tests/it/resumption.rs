@@ -247,3 +247,32 @@ async fn a_server_whose_certificate_expired_is_not_trusted_through_a_resumed_ses
     );
     web.wait_log("resumed session: ").await;
 }
+
+/// Tickets are kept per endpoint while its latest handshake selected our ALPN; one can still
+/// reach a server that is not consul-proxy (a balancer in front of both kinds, or a ticket
+/// arriving while another connection set that flag). A session resumed without our ALPN is
+/// refused: such a server may skip authorization when resuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_by_a_server_that_is_not_consul_proxy_carries_no_bytes() {
+    let mesh = Mesh::new().await;
+    let server = TlsEchoServer::start_mesh_then_plain(&mesh.ca.leaf("db", "dc1")).await;
+    mesh.agent
+        .set_health("db", vec![health_entry("db", server.port, "dc1")]);
+    let web = mesh.start_web().await;
+    // The first handshake selects our ALPN: web keeps the server's tickets.
+    assert_eq!(round_trip(mesh.web_upstream, b"one").await.unwrap(), b"one");
+    // The next offers one, and the server resumes without our ALPN.
+    let _ = round_trip(mesh.web_upstream, b"two").await;
+    eventually("the server resumed a session", DEADLINE, || async {
+        (server.resumed.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    server.bytes_received_once_closed().await;
+    assert_eq!(
+        server.resumed_bytes.load(Ordering::SeqCst),
+        0,
+        "bytes went over a session the server resumed without our ALPN"
+    );
+    web.wait_log("resumed session: the server is not consul-proxy")
+        .await;
+}

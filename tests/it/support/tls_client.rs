@@ -236,6 +236,8 @@ pub struct TlsEchoServer {
     /// server could use it.
     pub psk_offers: Arc<std::sync::atomic::AtomicUsize>,
     pub bytes_received: Arc<std::sync::atomic::AtomicUsize>,
+    /// The part of `bytes_received` that came over resumed sessions.
+    pub resumed_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Connections accepted, and those whose handling has ended (closed either way).
     conns: Arc<(
         std::sync::atomic::AtomicUsize,
@@ -266,16 +268,50 @@ impl TlsEchoServer {
 
     /// Starts on a given port (0: a free one).
     pub async fn start_on(leaf: &TestLeaf, port: u16) -> Self {
+        let acceptor = acceptor(leaf);
+        Self::serve(port, move |_| acceptor.clone()).await
+    }
+
+    /// Starts on a free port as a server that selects consul-proxy's ALPN protocol on its
+    /// first handshake only: later handshakes, resumed ones included (the session cache is
+    /// shared), select none. It models a ticket from a consul-proxy reaching a server that
+    /// is not one.
+    pub async fn start_mesh_then_plain(leaf: &TestLeaf) -> Self {
+        let (chain, key) = chain_and_key(leaf);
+        let mut mesh = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(Arc::new(AcceptAny))
+            .with_single_cert(chain, key)
+            .unwrap();
+        mesh.alpn_protocols = vec![consul_proxy::tls::MESH_ALPN.to_vec()];
+        let mut plain = mesh.clone();
+        plain.alpn_protocols.clear();
+        let (mesh, plain) = (
+            TlsAcceptor::from(Arc::new(mesh)),
+            TlsAcceptor::from(Arc::new(plain)),
+        );
+        Self::serve(
+            0,
+            move |n| if n == 0 { mesh.clone() } else { plain.clone() },
+        )
+        .await
+    }
+
+    /// Serves on `port` (0: a free one), the `n`th connection accepted (from 0) with
+    /// `acceptor(n)`.
+    async fn serve(port: u16, acceptor: impl Fn(usize) -> TlsAcceptor + Send + 'static) -> Self {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let acceptor = acceptor(leaf);
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let psk_offers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let bytes_received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let resumed_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (h, b, res) = (handshakes.clone(), bytes_received.clone(), resumed.clone());
+        let rb = resumed_bytes.clone();
         let offers = psk_offers.clone();
         let conns: Arc<(
             std::sync::atomic::AtomicUsize,
@@ -287,9 +323,9 @@ impl TlsEchoServer {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, h, b, res) = (acceptor.clone(), h.clone(), b.clone(), res.clone());
-                let offers = offers.clone();
-                counted.0.fetch_add(1, Ordering::SeqCst);
+                let (h, b, res) = (h.clone(), b.clone(), res.clone());
+                let (offers, resumed_b) = (offers.clone(), rb.clone());
+                let acceptor = acceptor(counted.0.fetch_add(1, Ordering::SeqCst));
                 let ended = Ended(counted.clone());
                 tokio::spawn(async move {
                     let _ended = ended;
@@ -301,7 +337,9 @@ impl TlsEchoServer {
                         return;
                     };
                     h.fetch_add(1, Ordering::SeqCst);
-                    if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    let was_resumed =
+                        s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    if was_resumed {
                         res.fetch_add(1, Ordering::SeqCst);
                     }
                     let mut buf = [0u8; 16 * 1024];
@@ -310,6 +348,9 @@ impl TlsEchoServer {
                             Ok(0) | Err(_) => break,
                             Ok(n) => {
                                 b.fetch_add(n, Ordering::SeqCst);
+                                if was_resumed {
+                                    resumed_b.fetch_add(n, Ordering::SeqCst);
+                                }
                                 if s.write_all(&buf[..n]).await.is_err() {
                                     break;
                                 }
@@ -324,6 +365,7 @@ impl TlsEchoServer {
             port,
             handshakes,
             resumed,
+            resumed_bytes,
             psk_offers,
             conns,
             bytes_received,
