@@ -87,6 +87,9 @@ pub enum Reason {
     Agent(Arc<str>),
     /// The intentions were never loaded: fail closed.
     IntentionsUnknown,
+    /// The caller is in another admin partition (its name): Consul refuses such a caller
+    /// whatever the intentions say, and this proxy serves the default partition only.
+    OtherPartition(Arc<str>),
 }
 
 impl Decision {
@@ -108,17 +111,33 @@ impl std::fmt::Display for Reason {
             }
             Reason::Agent(text) => write!(f, "agent: {text}"),
             Reason::IntentionsUnknown => f.write_str("intentions not loaded"),
+            Reason::OtherPartition(p) => write!(
+                f,
+                "caller in partition {p:?}, not {:?} (never allowed)",
+                DEFAULT
+            ),
         }
     }
 }
 
 /// Decides whether `source` may connect, given the destination's intentions and the agent's
 /// default policy (if known). Pure: no I/O, no clock.
+///
+/// A caller from another admin partition is denied before any intention is read, as the
+/// agent's own authorization refuses it ("Mismatched partitions"); the destination is always
+/// in the default partition here (partitions are not supported). Partition names compare
+/// without regard to case: the agent lowercases the one in a URI.
 pub fn authorize(
     intentions: &Intentions,
     source: &SpiffeId,
     default: Option<DefaultPolicy>,
 ) -> Decision {
+    if !source.partition().eq_ignore_ascii_case(DEFAULT) {
+        return Decision {
+            verdict: Verdict::Deny,
+            reason: Reason::OtherPartition(source.partition().into()),
+        };
+    }
     match intentions.first_match(source) {
         Some(rule) => {
             let (verdict, reason) = match rule.action {
@@ -256,7 +275,8 @@ impl Rule {
 
     /// Whether this rule's source pattern covers the caller.
     fn matches_source(&self, source: &SpiffeId) -> bool {
-        self.source_partition == source.partition()
+        self.source_partition
+            .eq_ignore_ascii_case(source.partition())
             && (self.source_ns == "*" || self.source_ns == source.namespace())
             && (self.source_name == "*" || self.source_name == source.service())
     }
@@ -386,6 +406,32 @@ mod tests {
         other_ns.source_ns = "team-a".into();
         let ixns = Intentions::from_api("db", vec![other_ns]);
         assert!(ixns.first_match(&caller("web")).is_none());
+    }
+
+    #[test]
+    fn a_caller_from_another_partition_is_denied_whatever_the_intentions_say() {
+        let in_finance = SpiffeId::new("td.consul", "finance", "default", "dc1", "web");
+        let none = Intentions::from_api("db", vec![]);
+        let d = authorize(&none, &in_finance, Some(DefaultPolicy::Allow));
+        assert_eq!(d.verdict, Verdict::Deny, "default allow does not reach it");
+        assert_eq!(d.reason, Reason::OtherPartition("finance".into()));
+        let mut i = intention("web", "db", "allow", 9);
+        i.source_partition = "finance".into();
+        let naming_it = Intentions::from_api("db", vec![i]);
+        let d = authorize(&naming_it, &in_finance, Some(DefaultPolicy::Allow));
+        assert_eq!(
+            d.verdict,
+            Verdict::Deny,
+            "nor an intention naming its partition"
+        );
+        assert!(authorize(&none, &caller("web"), Some(DefaultPolicy::Allow)).is_allow());
+        // The agent lowercases the partition of a URI (checked against a real Consul 1.14:
+        // `/ap/Default/` is the default partition, `/ap/Finance/` is refused as "finance").
+        let capitalised = SpiffeId::new("td.consul", "Default", "default", "dc1", "web");
+        assert!(authorize(&none, &capitalised, Some(DefaultPolicy::Allow)).is_allow());
+        let deny = Intentions::from_api("db", vec![intention("web", "db", "deny", 9)]);
+        let d = authorize(&deny, &capitalised, Some(DefaultPolicy::Allow));
+        assert!(matches!(d.reason, Reason::Intention(_)), "{d:?}");
     }
 
     #[test]
