@@ -397,7 +397,8 @@ impl ConsulClient {
         body: Option<Vec<u8>>,
     ) -> Result<(T, reqwest::header::HeaderMap), ConsulError> {
         // One deadline for waiting for a slot and for the request itself.
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
         let _permit = match hold {
             Hold::LongPoll => None,
             Hold::Short => Some(
@@ -410,6 +411,20 @@ impl ConsulClient {
                     // Invariant: the semaphore is never closed.
                     .expect("never closed"),
             ),
+        };
+        let slot_wait = started.elapsed();
+        let transport = |source: reqwest::Error| {
+            if slot_starved(source.is_timeout(), slot_wait, timeout) {
+                ConsulError::Busy {
+                    addr: self.inner.display.clone(),
+                    waited: timeout,
+                }
+            } else {
+                ConsulError::Unreachable {
+                    addr: self.inner.display.clone(),
+                    source,
+                }
+            }
         };
         let mut retried_token = false;
         loop {
@@ -426,22 +441,10 @@ impl ConsulClient {
                     .header("Content-Type", "application/json")
                     .body(b.clone());
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|source| ConsulError::Unreachable {
-                    addr: self.inner.display.clone(),
-                    source,
-                })?;
+            let resp = req.send().await.map_err(transport)?;
             let status = resp.status();
             let headers = resp.headers().clone();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|source| ConsulError::Unreachable {
-                    addr: self.inner.display.clone(),
-                    source,
-                })?;
+            let bytes = resp.bytes().await.map_err(transport)?;
             if status.is_success() {
                 let value =
                     serde_json::from_slice(&bytes).map_err(|source| ConsulError::Decode {
@@ -620,6 +623,13 @@ fn parse_index(header: Option<&str>) -> Result<u64, String> {
     }
 }
 
+/// Whether a request that failed on the transport failed for want of a prompt request slot
+/// rather than for an unreachable agent: it timed out after waiting for its slot for at least
+/// half its budget (the agent answers the requests ahead of it slowly; it is reachable).
+fn slot_starved(timed_out: bool, slot_wait: Duration, budget: Duration) -> bool {
+    timed_out && slot_wait >= budget / 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,6 +638,21 @@ mod tests {
     fn blocking_timeout_exceeds_wait_plus_jitter() {
         let wait = Duration::from_secs(300);
         assert!(blocking_timeout(wait) > wait + wait / 16);
+    }
+
+    #[test]
+    fn a_timeout_after_a_long_wait_for_a_slot_is_a_busy_agent() {
+        let budget = Duration::from_secs(10);
+        assert!(slot_starved(true, Duration::from_secs(6), budget));
+        assert!(slot_starved(true, Duration::from_secs(5), budget));
+        assert!(
+            !slot_starved(true, Duration::from_millis(1), budget),
+            "a prompt slot, then a timeout: the agent did not answer"
+        );
+        assert!(
+            !slot_starved(false, Duration::from_secs(9), budget),
+            "a refused connection is unreachable however long the wait"
+        );
     }
 
     #[test]
