@@ -410,12 +410,25 @@ async fn record_token(
     next.run(request).await
 }
 
-fn parse_wait(q: &HashMap<String, String>) -> Duration {
-    q.get("wait")
+/// The request's `wait` (sent in milliseconds). Stricter than a real agent: a blocking request
+/// (`index` or `hash` given) without one is refused with 400, because the proxy must always
+/// send it (without it the agent waits 5 minutes, and a cache-served read can block forever);
+/// a real agent would take it and every test would pass without noticing.
+fn parse_wait(q: &HashMap<String, String>) -> Result<Duration, Response> {
+    let wait = q
+        .get("wait")
         .and_then(|w| w.strip_suffix("ms"))
         .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(300))
+        .map(Duration::from_millis);
+    match wait {
+        Some(w) => Ok(w),
+        None if q.contains_key("index") || q.contains_key("hash") => Err((
+            StatusCode::BAD_REQUEST,
+            "fake agent: a blocking query without a wait in milliseconds",
+        )
+            .into_response()),
+        None => Ok(Duration::from_secs(300)),
+    }
 }
 
 /// Records the request and applies any fault. `Some(response)` short-circuits the handler.
@@ -499,7 +512,10 @@ async fn agent_service(
     if let Some(r) = enter(&s, format!("GET /v1/agent/service/{id}")).await {
         return r;
     }
-    let wait = parse_wait(&q);
+    let wait = match parse_wait(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     let wanted = q.get("hash").cloned();
     let mut rx = s.changed.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
@@ -547,7 +563,11 @@ async fn roots(State(s): State<Shared_>, Query(q): Query<HashMap<String, String>
     if let Some(r) = enter(&s, "GET /v1/agent/connect/ca/roots".into()).await {
         return r;
     }
-    match block(&s, index_of(&q), parse_wait(&q), |d| d.roots.clone()).await {
+    let wait = match parse_wait(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match block(&s, index_of(&q), wait, |d| d.roots.clone()).await {
         Some((body, i)) => indexed(body, i),
         None => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -565,6 +585,10 @@ async fn leaf(
     if let Some(r) = enter(&s, format!("GET /v1/agent/connect/ca/leaf/{service}")).await {
         return r;
     }
+    let wait = match parse_wait(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     if index_of(&q) == 0 {
         let mut d = s.data.lock().unwrap();
         let due = d
@@ -580,11 +604,7 @@ async fn leaf(
             s.changed.send_replace(i);
         }
     }
-    match block(&s, index_of(&q), parse_wait(&q), |d| {
-        d.leaves.get(&service).cloned()
-    })
-    .await
-    {
+    match block(&s, index_of(&q), wait, |d| d.leaves.get(&service).cloned()).await {
         Some((body, i)) => indexed(body, i),
         None => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -601,6 +621,10 @@ async fn intentions_match(
     if let Some(r) = enter(&s, "GET /v1/connect/intentions/match".into()).await {
         return r;
     }
+    let wait = match parse_wait(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     let Some(name) = q.get("name").cloned() else {
         return (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -609,9 +633,7 @@ async fn intentions_match(
             .into_response();
     };
     let current = |d: &Data| Some(d.intentions.get(&name).cloned().unwrap_or((Vec::new(), 1)));
-    let (list, i) = block(&s, index_of(&q), parse_wait(&q), current)
-        .await
-        .unwrap();
+    let (list, i) = block(&s, index_of(&q), wait, current).await.unwrap();
     // Consul 1.14 sends null, not [], when nothing matches.
     let value = if list.is_empty() {
         Value::Null
@@ -629,11 +651,13 @@ async fn health_connect(
     if let Some(r) = enter(&s, format!("GET /v1/health/connect/{service}")).await {
         return r;
     }
+    let wait = match parse_wait(&q) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
     let current = |d: &Data| Some(d.health.get(&service).cloned().unwrap_or((Vec::new(), 1)));
     let _long_poll = (index_of(&q) > 0).then(|| LongPoll::start(&s, &service));
-    let (list, i) = block(&s, index_of(&q), parse_wait(&q), current)
-        .await
-        .unwrap();
+    let (list, i) = block(&s, index_of(&q), wait, current).await.unwrap();
     indexed(Value::Array(list), i)
 }
 
