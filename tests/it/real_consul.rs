@@ -25,6 +25,8 @@ struct RealMesh {
     web_upstream: u16,
     db_public: u16,
     web_public: u16,
+    /// What was registered, web's first, to register again on an agent that lost it.
+    registrations: Vec<serde_json::Value>,
 }
 
 impl RealMesh {
@@ -44,24 +46,28 @@ impl RealMesh {
                 .iter()
                 .map(|name| upstream(name, free_port())),
         );
-        agent
-            .register(service_with_sidecar(
-                "web",
-                free_port(),
-                web_public,
-                upstreams,
-            ))
-            .await;
-        agent
-            .register(service_with_sidecar("db", echo.port, db_public, vec![]))
-            .await;
+        let registrations = vec![
+            service_with_sidecar("web", free_port(), web_public, upstreams),
+            service_with_sidecar("db", echo.port, db_public, vec![]),
+        ];
+        for r in &registrations {
+            agent.register(r.clone()).await;
+        }
         Some(RealMesh {
             agent,
             echo,
             web_upstream,
             db_public,
             web_public,
+            registrations,
         })
+    }
+
+    /// Registers web and db again, as at the start.
+    async fn register_again(&self) {
+        for r in &self.registrations {
+            self.agent.register(r.clone()).await;
+        }
     }
 
     fn proxy_args<'a>(&'a self, how: &'a str, id: &'a str, token: Option<&'a str>) -> Vec<String> {
@@ -509,6 +515,82 @@ async fn agent_restart_keeps_serving_and_later_changes_apply() {
     // restart): keep trying until db has logged a denial.
     eventually(
         "a change made after the restart applies",
+        Duration::from_secs(60),
+        || async {
+            let refused = !echoes(mesh.web_upstream, b"x").await;
+            (refused && db.logs().contains("connection denied")).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A dev agent keeps everything in memory: restarted, it comes back with a new CA (and trust
+/// domain), no registrations, no intentions, and every index starting low again. The proxies
+/// serve from their last good state meanwhile; once the services are registered again they
+/// follow the new agent: its CA, and a change written there at an index below the ones they
+/// saw before (a watch that kept its old index would block past this test's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_agent_restarted_empty_is_followed_through_its_index_reset() {
+    let Some(mut mesh) = RealMesh::start(Mode::Dev).await else {
+        return;
+    };
+    let (db, web) = mesh.up().await;
+    let matches = "/v1/connect/intentions/match?by=destination&name=db";
+    // Raise the agent's indexes well above where a fresh agent starts.
+    for i in 0..40 {
+        let path = format!("/v1/kv/bump-{i}");
+        mesh.agent
+            .send(reqwest::Method::PUT, &path, Some(serde_json::json!(i)))
+            .await;
+    }
+    mesh.agent.intention("web", "db", "allow").await;
+    let before = mesh.agent.index(matches).await;
+    let old_roots = mesh
+        .agent
+        .get_raw("/v1/agent/connect/ca/roots")
+        .await
+        .unwrap();
+
+    mesh.agent.kill().await;
+    web.wait_log("agent watch failing").await;
+    assert!(
+        echoes(mesh.web_upstream, b"down").await,
+        "served from the last good state while the agent is down"
+    );
+    mesh.agent.restart().await;
+    let after = mesh.agent.index(matches).await;
+    assert!(
+        after < before,
+        "the restarted agent's index ({after}) went back below {before}: the test needs that"
+    );
+    let new_roots = mesh
+        .agent
+        .get_raw("/v1/agent/connect/ca/roots")
+        .await
+        .unwrap();
+    assert_ne!(
+        old_roots["TrustDomain"], new_roots["TrustDomain"],
+        "a new CA with a new trust domain"
+    );
+
+    mesh.register_again().await;
+    // Retries back off up to 10 s (jittered) while the agent was unreachable; then the proxies
+    // take the new CA's leaves and roots, and db's sidecar check passes again.
+    mesh.agent.wait_passing("db", 1).await;
+    eventually(
+        "bytes through web's db upstream under the new CA",
+        Duration::from_secs(60),
+        || async { echoes(mesh.web_upstream, b"again").await.then_some(()) },
+    )
+    .await;
+    // The proxies' intention watches follow the new agent's (lower) indexes.
+    mesh.agent.intention("web", "db", "deny").await;
+    assert!(
+        mesh.agent.index(matches).await < before,
+        "the deny was written below the index the proxies saw before the restart"
+    );
+    eventually(
+        "a change written after the index reset applies",
         Duration::from_secs(60),
         || async {
             let refused = !echoes(mesh.web_upstream, b"x").await;

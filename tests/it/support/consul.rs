@@ -291,6 +291,24 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
     }
 
     /// A request with the management token; returns the body as JSON (or `null`).
+    /// The `X-Consul-Index` the agent answers a read of `path` with.
+    pub async fn index(&self, path: &str) -> u64 {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header("X-Consul-Token", MANAGEMENT_TOKEN)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.headers()["X-Consul-Index"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut req = self
             .http
