@@ -414,7 +414,7 @@ async fn record_token(
 /// (`index` or `hash` given) without one is refused with 400, because the proxy must always
 /// send it (without it the agent waits 5 minutes, and a cache-served read can block forever);
 /// a real agent would take it and every test would pass without noticing.
-fn parse_wait(q: &HashMap<String, String>) -> Result<Duration, Response> {
+fn parse_wait(q: &HashMap<String, String>) -> Result<Duration, (StatusCode, &'static str)> {
     let wait = q
         .get("wait")
         .and_then(|w| w.strip_suffix("ms"))
@@ -425,8 +425,7 @@ fn parse_wait(q: &HashMap<String, String>) -> Result<Duration, Response> {
         None if q.contains_key("index") || q.contains_key("hash") => Err((
             StatusCode::BAD_REQUEST,
             "fake agent: a blocking query without a wait in milliseconds",
-        )
-            .into_response()),
+        )),
         None => Ok(Duration::from_secs(300)),
     }
 }
@@ -514,7 +513,7 @@ async fn agent_service(
     }
     let wait = match parse_wait(&q) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let wanted = q.get("hash").cloned();
     let mut rx = s.changed.subscribe();
@@ -565,7 +564,7 @@ async fn roots(State(s): State<Shared_>, Query(q): Query<HashMap<String, String>
     }
     let wait = match parse_wait(&q) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match block(&s, index_of(&q), wait, |d| d.roots.clone()).await {
         Some((body, i)) => indexed(body, i),
@@ -587,7 +586,7 @@ async fn leaf(
     }
     let wait = match parse_wait(&q) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if index_of(&q) == 0 {
         let mut d = s.data.lock().unwrap();
@@ -623,7 +622,7 @@ async fn intentions_match(
     }
     let wait = match parse_wait(&q) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(name) = q.get("name").cloned() else {
         return (
@@ -653,7 +652,7 @@ async fn health_connect(
     }
     let wait = match parse_wait(&q) {
         Ok(w) => w,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let current = |d: &Data| Some(d.health.get(&service).cloned().unwrap_or((Vec::new(), 1)));
     let _long_poll = (index_of(&q) > 0).then(|| LongPoll::start(&s, &service));
