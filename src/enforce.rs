@@ -105,8 +105,8 @@ impl Enforcer {
                     if r.is_err() { return }
                     let new = tls.borrow_and_update().as_ref().map(|t| t.bundle.clone());
                     if let (Some(old), Some(new)) = (&trusted, &new) {
-                        if old.removes_anchors_of(new) {
-                            self.reverify(new);
+                        if old.withdraws_trust_of(new) {
+                            self.reverify(new).await;
                         }
                     }
                     trusted = new;
@@ -172,10 +172,15 @@ impl Enforcer {
     }
 
     /// Closes every live connection, inbound and upstream, whose peer's chain no longer ends
-    /// in a trusted root.
-    fn reverify(&self, bundle: &TrustBundle) {
+    /// in a trusted root. Each check is a signature verification or more: the pass yields to
+    /// the runtime every [`VERIFY_BATCH`] connections, so that thousands of them do not hold
+    /// up the connections' own tasks on a single-threaded runtime.
+    async fn reverify(&self, bundle: &TrustBundle) {
         let all = self.inbound.snapshot().into_iter();
-        for conn in all.chain(self.upstream.snapshot()) {
+        for (n, conn) in all.chain(self.upstream.snapshot()).enumerate() {
+            if n > 0 && n % VERIFY_BATCH == 0 {
+                tokio::task::yield_now().await;
+            }
             let Err(error) = conn.verify_chain(bundle) else {
                 continue;
             };
@@ -209,6 +214,9 @@ impl Enforcer {
         }
     }
 }
+
+/// Connections whose chains are verified again between two yields to the runtime.
+const VERIFY_BATCH: usize = 64;
 
 /// A timer firing every `period`, the first time one period from now.
 fn periodic(period: Duration) -> tokio::time::Interval {

@@ -150,9 +150,15 @@ impl TrustBundle {
         &self.intermediates
     }
 
-    /// Whether some anchor trusted here is missing from `new` (a root was removed).
-    pub fn removes_anchors_of(&self, new: &TrustBundle) -> bool {
+    /// Whether `new` withdraws something a chain verified here could rest on: a root, or an
+    /// intermediate the roots listed (a peer that did not send it could not be verified
+    /// again). Only then can a connection trusted under `self` fail under `new`.
+    pub fn withdraws_trust_of(&self, new: &TrustBundle) -> bool {
         self.anchors.iter().any(|a| !new.anchors.contains(a))
+            || self
+                .intermediates
+                .iter()
+                .any(|i| !new.intermediates.contains(i))
     }
 
     /// The IDs of the roots in use, for logs.

@@ -1507,3 +1507,38 @@ async fn a_recheck_asks_a_failing_agent_about_the_default_once_per_pass() {
         db.logs()
     );
 }
+
+/// A caller whose leaf chains to a root through an intermediate that only the roots list
+/// carries (`IntermediateCerts`; the caller sends its leaf alone) is trusted. When the roots
+/// stop listing that intermediate, the root itself staying, its live connection is closed and
+/// it cannot come back; a connection whose chain needs no intermediate is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_listed_with_the_roots_is_trusted_until_it_is_withdrawn() {
+    let mesh = Mesh::new().await;
+    let intermediate = mesh.ca.intermediate();
+    mesh.agent.set_roots(TestCa::roots_json(&[&intermediate]));
+    let admin = free_port();
+    let db = mesh
+        .start_db_with(&["-admin-addr", &format!("127.0.0.1:{admin}")])
+        .await;
+    let via_intermediate = intermediate.leaf("web", "dc1");
+    let mut through = Live::open(mesh.db_public, &via_intermediate).await;
+    let mut direct = Live::open(mesh.db_public, &mesh.ca.leaf("api", "dc1")).await;
+
+    mesh.agent.set_roots(TestCa::roots_json(&[&mesh.ca]));
+    through.wait_closed().await;
+    assert!(
+        direct.echoes().await,
+        "the connection whose chain needs no intermediate is untouched"
+    );
+    db.wait_log("certificate chain is no longer trusted").await;
+    let m = metrics(admin).await;
+    assert!(
+        m.contains("consul_proxy_inbound_closed_total{reason=\"trust\"} 1\n"),
+        "{m}"
+    );
+    let again = tls_client::connect(mesh.db_public, Some(&via_intermediate)).await;
+    if let Ok(s) = again {
+        assert!(!Live(s).echoes().await, "the caller came back");
+    }
+}

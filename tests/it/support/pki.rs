@@ -11,6 +11,10 @@ use serde_json::{Value, json};
 pub struct TestCa {
     pub trust_domain: String,
     issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The root, PEM: the issuer's own certificate, or its parent's for an intermediate.
+    root_pem: String,
+    /// The issuer's certificate when it is an intermediate, listed in `IntermediateCerts`.
+    intermediate_pem: Option<String>,
     next_serial: std::sync::atomic::AtomicU64,
 }
 
@@ -54,14 +58,50 @@ impl TestCa {
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         TestCa {
             trust_domain,
+            root_pem: issuer.pem(),
             issuer,
+            intermediate_pem: None,
             next_serial: std::sync::atomic::AtomicU64::new(2),
+        }
+    }
+
+    /// An intermediate CA signed by this root, for the same trust domain: its leaves chain to
+    /// this root through it, and its roots JSON lists it in `IntermediateCerts` (as Consul does
+    /// for a secondary datacenter or an external CA). Its leaves carry only themselves.
+    pub fn intermediate(&self) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            rcgen::DnType::CommonName,
+            format!("int-test.consul.ca.{}", self.trust_domain),
+        );
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{}", self.trust_domain)
+                .try_into()
+                .unwrap(),
+        )];
+        params.use_authority_key_identifier_extension = true;
+        let issuer =
+            CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &self.issuer).unwrap();
+        TestCa {
+            trust_domain: self.trust_domain.clone(),
+            root_pem: self.root_pem.clone(),
+            intermediate_pem: Some(issuer.pem()),
+            issuer,
+            next_serial: std::sync::atomic::AtomicU64::new(1_000),
         }
     }
 
     /// The root certificate, PEM.
     pub fn root_pem(&self) -> String {
-        self.issuer.pem()
+        self.root_pem.clone()
     }
 
     /// The SPIFFE ID of a service in this CA's trust domain.
@@ -173,7 +213,7 @@ impl TestCa {
                     "NotBefore": "2026-01-05T10:00:00Z",
                     "NotAfter": "2036-01-03T10:00:00Z",
                     "RootCert": ca.root_pem(),
-                    "IntermediateCerts": null,
+                    "IntermediateCerts": ca.intermediate_pem.as_ref().map(|p| vec![p]),
                     "Active": i == 0,
                     "PrivateKeyType": "ec",
                     "PrivateKeyBits": 256,
