@@ -166,6 +166,7 @@ async fn start(
         proxy_id = %proxy.proxy_id,
         service = %proxy.service,
         upstreams = proxy.upstreams.len(),
+        agent = client.addr(),
         "proxy registration loaded"
     );
 

@@ -169,3 +169,33 @@ async fn on_amd_cpus_the_proxy_runs_with_the_rep_movsb_threshold_raised_unless_s
         (true, String::new())
     );
 }
+
+/// `-log-json` writes one JSON object per line, with the message and the event's fields as
+/// top-level keys, for log shippers; nothing else reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_json_writes_one_json_object_per_line() {
+    let mesh = crate::support::mesh::Mesh::new().await;
+    let db = mesh
+        .start_db_with(&["-log-json", "-log-level", "debug"])
+        .await;
+    db.wait_log("proxy ready").await;
+    let logs = db.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ready = lines
+        .iter()
+        .find(|l| l["message"] == "proxy ready")
+        .unwrap_or_else(|| panic!("no \"proxy ready\" record:\n{logs}"));
+    assert_eq!(ready["level"], "INFO", "{ready}");
+    let loaded = lines
+        .iter()
+        .find(|l| l["message"] == "proxy registration loaded")
+        .unwrap_or_else(|| panic!("no registration record:\n{logs}"));
+    assert_eq!(
+        loaded["proxy_id"], "db-sidecar-proxy",
+        "fields are JSON fields: {loaded}"
+    );
+}

@@ -733,6 +733,7 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
     let extras = Extras {
         https: true,
         max_conns_per_client: Some(LIMIT),
+        ..Extras::default()
     };
     let more = ["u1", "u2", "u3", "u4", "u5", "u6"];
     let Some(mesh) = RealMesh::start_with(Mode::Dev, extras, &more).await else {
@@ -741,6 +742,9 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
     mesh.agent.intention("web", "db", "allow").await;
     let https = mesh.agent.https.as_ref().unwrap();
     let addr = format!("https://127.0.0.1:{}", https.port);
+    let ca_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&https.ca_file, ca_dir.path().join("agent-ca.pem")).unwrap();
+    let ca_dir = ca_dir.path().to_owned();
     let tls = [
         ("-ca-file", &https.ca_file),
         ("-client-cert", &https.client_cert),
@@ -756,6 +760,12 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
             ];
             for (flag, path) in tls {
                 args.extend([flag.to_owned(), path.display().to_string()]);
+            }
+            if id == "web-sidecar-proxy" {
+                // web finds the agent's CA in a directory instead (`-ca-path`).
+                let at = args.iter().position(|a| a == "-ca-file").unwrap();
+                args[at] = "-ca-path".to_owned();
+                args[at + 1] = ca_dir.display().to_string();
             }
             if id == "db-sidecar-proxy" {
                 // The agent's certificate names localhost too: db verifies that name while
@@ -774,6 +784,51 @@ async fn over_https_every_watch_is_answered_beyond_the_agents_connection_limit()
     every_watch_answered_without_a_429(&proxies, &admins, [4, web_watches]).await;
 }
 
+/// The agent reached over a unix socket (`-http-addr unix:///...`): web's proxy watches and
+/// serves through it alone (the agent's TCP port is given to nothing but the test's set-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_reaches_the_agent_over_a_unix_socket() {
+    let extras = Extras {
+        unix_socket: true,
+        ..Extras::default()
+    };
+    let Some(mesh) = RealMesh::start_with(Mode::Dev, extras, &[]).await else {
+        return;
+    };
+    mesh.agent.intention("web", "db", "allow").await;
+    let unix = format!("unix://{}", mesh.agent.unix_socket().display());
+    let tcp = mesh.agent.addr();
+    let (proxies, _) = mesh
+        .up_with_admins(|id| {
+            let agent = if id == "web-sidecar-proxy" {
+                &unix
+            } else {
+                &tcp
+            };
+            vec![
+                "-http-addr".to_owned(),
+                agent.clone(),
+                "-proxy-id".to_owned(),
+                id.to_owned(),
+            ]
+        })
+        .await;
+    // Past set-up, a change reaches web through the socket too.
+    mesh.agent.intention("web", "db", "deny").await;
+    eventually("the deny applies", Duration::from_secs(30), || async {
+        let refused = !echoes(mesh.web_upstream, b"x").await;
+        (refused && proxies[0].logs().contains("connection denied")).then_some(())
+    })
+    .await;
+    assert!(
+        proxies[1]
+            .logs()
+            .contains(&mesh.agent.unix_socket().display().to_string()),
+        "web names the socket it uses:\n{}",
+        proxies[1].logs()
+    );
+}
+
 /// Over plain HTTP (HTTP/1.1: a connection per request in flight) a proxy with many upstreams
 /// long-polls at most four of them and polls the rest, so it stays within a few connections to
 /// the agent: seventeen upstreams would otherwise take 21 of web's plus db's 4, well past a
@@ -784,6 +839,7 @@ async fn over_plain_http_a_proxy_with_many_upstreams_stays_within_the_connection
     let extras = Extras {
         https: false,
         max_conns_per_client: Some(LIMIT),
+        ..Extras::default()
     };
     let more = [
         "u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8", "u9", "u10", "u11", "u12", "u13", "u14",

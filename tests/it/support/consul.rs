@@ -49,6 +49,8 @@ pub struct Extras {
     pub https: bool,
     /// `limits { http_max_conns_per_client }`: concurrent connections per client address.
     pub max_conns_per_client: Option<u32>,
+    /// Also serve the HTTP API on a unix socket (see [`ConsulAgent::unix_socket`]).
+    pub unix_socket: bool,
 }
 
 /// The agent's HTTPS API: its port, and the files a client needs (a test CA, not Connect's).
@@ -169,8 +171,17 @@ impl ConsulAgent {
             Some(n) => format!("limits {{ http_max_conns_per_client = {n} }}"),
             None => String::new(),
         };
+        let addresses = if self.extras.unix_socket {
+            format!(
+                r#"addresses {{ http = "127.0.0.1 unix://{}" }}"#,
+                self.unix_socket().display()
+            )
+        } else {
+            String::new()
+        };
         let hcl = format!(
             r#"
+{addresses}
 bind_addr = "127.0.0.1"
 client_addr = "127.0.0.1"
 advertise_addr = "127.0.0.1"
@@ -247,6 +258,11 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
     pub async fn restart(&mut self) {
         self.kill().await;
         self.launch().await;
+    }
+
+    /// The unix socket the HTTP API is also served on with [`Extras::unix_socket`].
+    pub fn unix_socket(&self) -> PathBuf {
+        self.dir.path().join("http.sock")
     }
 
     /// `127.0.0.1:<http port>`.
