@@ -2,7 +2,7 @@
 //! the product decodes and interprets them as the real agent meant, and the fake agent's
 //! JSON uses no field the real agent does not send.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use consul_proxy::authz::{self, Intentions, Verdict};
 use consul_proxy::consul::api;
@@ -125,6 +125,44 @@ fn real_health_and_query_results_become_endpoints() {
     assert_eq!(Endpoints::from_health(&q.nodes).list.len(), 1);
 }
 
+/// The JSON types (`string`, `number`, `bool`) found at each key path of a value, as
+/// [`shape`] names the paths; `null` is left out (the agent sends it for empty lists and
+/// objects alike), so a path seen only as `null` has no type.
+fn scalar_types(v: &Value, dynamic_root: bool) -> BTreeMap<String, BTreeSet<&'static str>> {
+    fn walk(
+        v: &Value,
+        path: String,
+        out: &mut BTreeMap<String, BTreeSet<&'static str>>,
+        dynamic: bool,
+    ) {
+        let kind = match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let key = if dynamic { "*" } else { k.as_str() };
+                    let p = format!("{path}.{key}");
+                    out.entry(p.clone()).or_default();
+                    walk(child, p, out, false);
+                }
+                return;
+            }
+            Value::Array(items) => {
+                for item in items {
+                    walk(item, format!("{path}[]"), out, false);
+                }
+                return;
+            }
+            Value::Null => return,
+            Value::String(_) => "string",
+            Value::Number(_) => "number",
+            Value::Bool(_) => "bool",
+        };
+        out.entry(path).or_default().insert(kind);
+    }
+    let mut out = BTreeMap::new();
+    walk(v, String::new(), &mut out, dynamic_root);
+    out
+}
+
 /// Every key path of a JSON value; `dynamic_root` treats the top-level keys as data (IDs).
 fn shape(v: &Value, dynamic_root: bool) -> BTreeSet<String> {
     fn walk(v: &Value, path: String, out: &mut BTreeSet<String>, dynamic: bool) {
@@ -215,6 +253,25 @@ async fn fake_shapes_match_real_ones() {
             "{path}: the fake sends fields the real agent does not: {extra:?}"
         );
         assert!(!fake.is_empty(), "{path}: empty fake response");
+        // And with the same JSON types (a number where the agent sends a string would decode
+        // in the fake's tests and fail against the agent, or the reverse).
+        let fake_types = scalar_types(&get(format!("{base}{path}")).await, dynamic);
+        let mut real_types: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+        for r in reals {
+            for (p, t) in scalar_types(&fixture(r), dynamic) {
+                real_types.entry(p).or_default().extend(t);
+            }
+        }
+        for (field, types) in &fake_types {
+            // A path the recording has only as null or an empty list says nothing of its type.
+            let Some(real) = real_types.get(field).filter(|t| !t.is_empty()) else {
+                continue;
+            };
+            assert!(
+                types.is_subset(real),
+                "{path}: {field} is {types:?} in the fake, {real:?} from the real agent"
+            );
+        }
     }
     let fake_auth = http
         .post(format!("{base}/v1/agent/connect/authorize"))
