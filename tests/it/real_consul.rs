@@ -621,11 +621,11 @@ async fn a_deny_intention_closes_a_live_connection_within_a_second() {
         "the live connection was closed: {end:?}"
     );
     let elapsed = closed - sent;
-    println!(
-        "deny intention -> live connection closed: {} ms after the PUT was sent, {} ms after the agent acknowledged it",
+    crate::support::report_measurement(&format!(
+        "real agent: deny intention -> live connection closed: {} ms after the PUT was sent, {} ms after the agent acknowledged it (goal < 1000 ms)",
         elapsed.as_millis(),
         closed.saturating_duration_since(acknowledged).as_millis()
-    );
+    ));
     db.wait_log("closing a live connection that is no longer authorized")
         .await;
     assert!(
