@@ -69,6 +69,20 @@ async fn agent_errors_and_garbage_keep_the_last_good_state_then_recover() {
         (refused(mesh.web_upstream).await && db.logs().contains("connection denied")).then_some(())
     })
     .await;
+    // Each watch logged its recovery once, however many retries it took.
+    let logs = db.logs();
+    let mut recovered: std::collections::HashMap<&str, usize> = Default::default();
+    for line in logs.lines().filter(|l| l.contains("agent watch recovered")) {
+        let watch = line.split("watch=").nth(1).unwrap_or(line);
+        *recovered
+            .entry(watch.split(' ').next().unwrap())
+            .or_default() += 1;
+    }
+    assert!(!recovered.is_empty(), "{logs}");
+    assert!(
+        recovered.values().all(|n| *n == 1),
+        "recoveries per watch: {recovered:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -677,6 +677,10 @@ async fn the_public_listener_moves_and_the_local_app_switches_live() {
     })
     .await;
     db.wait_log("reconfiguring").await;
+    assert!(
+        old_conn.echoes().await,
+        "a connection accepted on the old port drains: it keeps working after the move"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
