@@ -425,6 +425,8 @@ where
 {
     let settings = WatchSettings::default();
     let mut failures = 0u32;
+    // Logged once per kind of failure (unreachable, 500, 429...), not once per retry.
+    let mut last_kind = None;
     loop {
         match f().await {
             Ok(v) => {
@@ -435,7 +437,7 @@ where
             }
             Err(e) if is_unavailable(&e) => {
                 failures += 1;
-                if failures == 1 {
+                if last_kind.replace(e.kind()) != Some(e.kind()) {
                     tracing::warn!(error = %e, "waiting for the Consul agent; retrying");
                 }
                 let delay = backoff(

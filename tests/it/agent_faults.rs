@@ -132,12 +132,21 @@ async fn an_agent_failing_at_start_is_retried_and_logged_once() {
             .is_err(),
         "no listener before the agent answers"
     );
+    // Another kind of failure is logged too, once.
+    mesh.agent
+        .set_fault(Some(Fault::Status(429, "rate limited".into())));
+    p.wait_log("rate limited").await;
+    let attempts = mesh.agent.count("GET /v1/agent/service/db-sidecar-proxy");
+    eventually("a retry after it", DEADLINE, || async {
+        (mesh.agent.count("GET /v1/agent/service/db-sidecar-proxy") > attempts).then_some(())
+    })
+    .await;
     mesh.agent.set_fault(None);
     p.wait_ready().await;
     assert_eq!(
         p.logs().matches("waiting for the Consul agent").count(),
-        1,
-        "logged once, not per retry:\n{}",
+        2,
+        "logged once per kind of failure, not per retry:\n{}",
         p.logs()
     );
     p.wait_log("the Consul agent is answering").await;
