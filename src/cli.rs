@@ -164,9 +164,21 @@ pub struct Args {
 }
 
 impl Args {
-    /// Parses the process arguments; exits with a usage error (code 2) on bad flags.
+    /// Parses the process arguments; exits with a usage error (code 2) on bad flags. Help,
+    /// version and errors name flags the way they are written here, Consul's way (`-token`).
     pub fn parse_env() -> Self {
-        Args::parse_from(normalize(std::env::args_os()))
+        match Args::try_parse_args(std::env::args_os()) {
+            Ok(args) => args,
+            Err(e) => {
+                let text = consul_style(&e.render().to_string());
+                if e.use_stderr() {
+                    eprint!("{text}");
+                } else {
+                    print!("{text}");
+                }
+                std::process::exit(e.exit_code());
+            }
+        }
     }
 
     /// Parses the given arguments (the first is the program name).
@@ -177,6 +189,23 @@ impl Args {
     {
         Args::try_parse_from(normalize(args))
     }
+}
+
+/// Rewrites clap's `--flag` into Consul's `-flag` in a help or error text. A bare `--` (the end
+/// of flags) and `-h` are left alone.
+pub fn consul_style(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("--") {
+        let (before, after) = rest.split_at(at);
+        out.push_str(before);
+        let starts_flag = after[2..].starts_with(|c: char| c.is_ascii_lowercase());
+        let after_word = before.is_empty() || before.ends_with([' ', '\'', '[', '(', '`', '\n']);
+        out.push_str(if starts_flag && after_word { "-" } else { "--" });
+        rest = &after[2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A boolean as Go's `strconv.ParseBool` (and so Consul's flags) accepts it.
@@ -319,6 +348,23 @@ mod tests {
     fn unknown_flags_are_usage_errors() {
         let err = parse(&["-proxy-id", "a", "-bogus"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn help_and_errors_name_flags_with_one_dash() {
+        assert_eq!(
+            consul_style("      --proxy-id <ID>\n  [--log-json[=<BOOL>]] '--bogus' `--x`"),
+            "      -proxy-id <ID>\n  [-log-json[=<BOOL>]] '-bogus' `-x`"
+        );
+        // The end of flags, and dashes inside words, stay as they are.
+        assert_eq!(
+            consul_style("use '-- --bogus' or a--b --"),
+            "use '-- -bogus' or a--b --"
+        );
+        let help = Args::command().render_long_help().to_string();
+        let ours = consul_style(&help);
+        assert!(ours.contains("  -proxy-id <ID>"), "{ours}");
+        assert!(!ours.contains("--proxy-id"), "{ours}");
     }
 
     #[test]

@@ -28,6 +28,12 @@ fn bad_flags_are_usage_errors_with_exit_code_2() {
             "{args:?}"
         );
     }
+    let out = run(&["-proxy-id", "a", "-no-such-flag"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("'-no-such-flag'") && stderr.contains("'-help'"),
+        "flags named as they are typed: {stderr}"
+    );
 }
 
 #[test]
@@ -53,24 +59,28 @@ fn help_lists_consul_style_flags_and_never_a_token() {
     let help = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     for flag in [
-        "--proxy-id",
-        "--sidecar-for",
-        "--http-addr",
-        "--token",
-        "--token-file",
-        "--ca-file",
-        "--ca-path",
-        "--client-cert",
-        "--client-key",
-        "--tls-server-name",
-        "--log-level",
-        "--log-json",
-        "--drain-timeout",
+        " -proxy-id",
+        " -sidecar-for",
+        " -http-addr",
+        " -token",
+        " -token-file",
+        " -ca-file",
+        " -ca-path",
+        " -client-cert",
+        " -client-key",
+        " -tls-server-name",
+        " -log-level",
+        " -log-json",
+        " -drain-timeout",
         "CONSUL_HTTP_ADDR",
         "CONSUL_HTTP_SSL_VERIFY",
     ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
+    assert!(
+        !help.contains("--proxy-id"),
+        "help spells flags Consul's way: {help}"
+    );
     for secret in [env_token, flag_token] {
         assert!(
             !help.contains(secret) && !stderr.contains(secret),
