@@ -209,3 +209,51 @@ async fn log_json_writes_one_json_object_per_line() {
         "fields are JSON fields: {loaded}"
     );
 }
+
+/// The example systemd unit passes `systemd-analyze verify` with nothing to say (an unknown or
+/// misspelt key is only a warning there, exit 0, so any output fails the test), run as an
+/// instance (`consul-proxy@web.service`) with `ExecStart` pointing at the built binary.
+#[test]
+fn the_example_systemd_unit_verifies_cleanly() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        // CI (which sets this) installs systemd-analyze; elsewhere say what was not checked.
+        assert!(
+            std::env::var("CONSUL_PROXY_REQUIRE_CONSUL").as_deref() != Ok("1"),
+            "systemd-analyze is missing"
+        );
+        eprintln!("systemd-analyze not found: the example unit was not verified");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/consul-proxy@.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/consul-proxy "));
+    let unit = unit.replace(
+        "/usr/local/bin/consul-proxy",
+        env!("CARGO_BIN_EXE_consul-proxy"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consul-proxy@web.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {:?}\n{said}",
+        out.status
+    );
+}

@@ -524,6 +524,44 @@ async fn agent_restart_keeps_serving_and_later_changes_apply() {
     .await;
 }
 
+/// The quick start's registrations (`examples/web.json`, `examples/db.json`) as a user
+/// registers them, with free ports for the app and the upstream instead of 5432 and 9191: the
+/// agent assigns the sidecars' public ports and default checks, and two proxies started with
+/// `-sidecar-for` carry bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_registrations_work_as_written() {
+    let Some(agent) = ConsulAgent::start(Mode::Dev).await else {
+        return;
+    };
+    let example = |file: &str| -> serde_json::Value {
+        let path = format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    let echo = EchoServer::start().await;
+    let upstream_port = free_port();
+    let mut web = example("web.json");
+    web["Port"] = free_port().into();
+    web["Connect"]["SidecarService"]["Proxy"]["Upstreams"][0]["LocalBindPort"] =
+        upstream_port.into();
+    let mut db = example("db.json");
+    db["Port"] = echo.port.into();
+    agent.register(web).await;
+    agent.register(db).await;
+    agent.intention("web", "db", "allow").await;
+    let addr = agent.addr();
+    let _db = ProxyProcess::start(&["-http-addr", &addr, "-sidecar-for", "db"]).await;
+    let _web = ProxyProcess::start(&["-http-addr", &addr, "-sidecar-for", "web"]).await;
+    // Consul's default sidecar check runs every 10 s; the first may have run before the proxy
+    // listened.
+    agent
+        .wait_passing_within("db", 1, Duration::from_secs(45))
+        .await;
+    eventually("bytes through web's db upstream", DEADLINE, || async {
+        echoes(upstream_port, b"hello from db").await.then_some(())
+    })
+    .await;
+}
+
 /// A dev agent keeps everything in memory: restarted, it comes back with a new CA (and trust
 /// domain), no registrations, no intentions, and every index starting low again. The proxies
 /// serve from their last good state meanwhile; once the services are registered again they

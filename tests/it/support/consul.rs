@@ -384,8 +384,13 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
     /// every check the agent runs, with its status and last output, so that a failure says
     /// which check kept the endpoint out.
     pub async fn wait_passing(&self, service: &str, count: usize) {
+        self.wait_passing_within(service, count, DEADLINE).await;
+    }
+
+    /// As [`ConsulAgent::wait_passing`], within `deadline`.
+    pub async fn wait_passing_within(&self, service: &str, count: usize, deadline: Duration) {
         let path = format!("/v1/health/connect/{service}?passing");
-        let passing = tokio::time::timeout(DEADLINE, async {
+        let passing = tokio::time::timeout(deadline, async {
             loop {
                 if let Ok(v) = self.get_raw(&path).await {
                     if v.as_array().map(Vec::len) == Some(count) {
@@ -398,7 +403,7 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
         .await;
         if passing.is_err() {
             panic!(
-                "timed out after {DEADLINE:?} waiting for: {count} passing endpoint(s) of {service}\nthe agent's checks: {:?}\nthe agent's answer: {:?}",
+                "timed out after {deadline:?} waiting for: {count} passing endpoint(s) of {service}\nthe agent's checks: {:?}\nthe agent's answer: {:?}",
                 self.get_raw("/v1/agent/checks").await,
                 self.get_raw(&format!("/v1/health/connect/{service}")).await
             );
