@@ -414,7 +414,7 @@ async fn wait_ready<T>(rx: &Subscriber<T>) {
 }
 
 /// Calls `f` until the agent answers something other than "unavailable": unreachable, 5xx,
-/// 429 or a protocol hiccup. The first failure is logged once; retries back off.
+/// 429 or a protocol hiccup. Each new kind of failure is logged once; retries back off.
 async fn retry_while_unavailable<T, F, Fut>(
     client: &ConsulClient,
     mut f: F,

@@ -12,10 +12,11 @@ pub enum ConsulError {
         #[source]
         source: reqwest::Error,
     },
-    /// Too many requests to the agent already in flight for the whole timeout (over HTTP/1.1
-    /// a few at a time are allowed): the agent is slow to answer or unreachable.
+    /// Over HTTP/1.1 a few requests at a time are allowed: the ones ahead of this request held
+    /// every slot for all or most of its timeout, so it got no slot or too little time left.
+    /// The agent is slow to answer, or unreachable for them too.
     #[error(
-        "cannot reach the Consul agent at {addr}: no request slot free within {waited:?} (the agent is slow to answer)"
+        "cannot reach the Consul agent at {addr}: the requests ahead held every request slot for most of {waited:?} (the agent is slow to answer, or unreachable)"
     )]
     Busy {
         /// The agent address.

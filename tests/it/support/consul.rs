@@ -306,7 +306,6 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
-    /// A request with the management token; returns the body as JSON (or `null`).
     /// The `X-Consul-Index` the agent answers a read of `path` with.
     pub async fn index(&self, path: &str) -> u64 {
         let resp = self
@@ -325,6 +324,7 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
             .unwrap()
     }
 
+    /// A request with the management token; returns the body as JSON (or `null`).
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut req = self
             .http

@@ -30,23 +30,10 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// Taken below Linux's ephemeral range (32768-60999), never twice in one test run: a port
 /// from `bind(:0)` comes from that range, and once released it can be taken as the local
 /// port of any outgoing connection (the agent's, another test's) before the proxy binds it.
-/// Prints a figure a test measured and appends it to `measurements.txt` in Cargo's test
-/// scratch directory (`target/tmp`), which `.ci/run` prints after the tests pass: a
-/// passing test's own output is not shown.
-pub fn report_measurement(line: &str) {
-    use std::io::Write;
-    println!("{line}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("measurements.txt");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    writeln!(f, "{line}").unwrap();
-}
-
+/// Also above Consul's sidecar port range (21000-21255), which a real agent assigns from
+/// without asking the OS (the quick-start test leaves the sidecar ports to the agent).
 pub fn free_port() -> u16 {
-    const FIRST: u16 = 20_000;
+    const FIRST: u16 = 21_256;
     const LAST: u16 = 32_000;
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
     let next = NEXT.get_or_init(|| {
@@ -68,6 +55,21 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in {FIRST}-{LAST}");
+}
+
+/// Prints a figure a test measured and appends it to `measurements.txt` in Cargo's test
+/// scratch directory (`target/tmp`), which `.ci/run` prints after the tests pass: a
+/// passing test's own output is not shown.
+pub fn report_measurement(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("measurements.txt");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    writeln!(f, "{line}").unwrap();
 }
 
 /// `GET path` on a proxy's admin endpoint: the status code and the body.
