@@ -279,16 +279,19 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
         format!("http://{}{path}", self.addr())
     }
 
-    /// GET with the management token; the error says what went wrong.
-    pub async fn get_raw(&self, path: &str) -> Result<Value, String> {
-        let resp = self
-            .http
+    /// GET with the management token, within 5 s.
+    async fn get_response(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.http
             .get(self.url(path))
             .header("X-Consul-Token", MANAGEMENT_TOKEN)
             .timeout(Duration::from_secs(5))
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+    }
+
+    /// GET with the management token; the error says what went wrong.
+    pub async fn get_raw(&self, path: &str) -> Result<Value, String> {
+        let resp = self.get_response(path).await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!(
                 "{}: {}",
@@ -308,14 +311,7 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
 
     /// The `X-Consul-Index` the agent answers a read of `path` with.
     pub async fn index(&self, path: &str) -> u64 {
-        let resp = self
-            .http
-            .get(self.url(path))
-            .header("X-Consul-Token", MANAGEMENT_TOKEN)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.get_response(path).await.unwrap();
         assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
         resp.headers()["X-Consul-Index"]
             .to_str()

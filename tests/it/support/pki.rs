@@ -35,26 +35,30 @@ pub struct LeafSpec {
     pub expired: bool,
 }
 
+/// A CA certificate's parameters as Consul's CA writes them: the given common name and one
+/// URI SAN naming the trust domain.
+fn ca_params(common_name: &str, trust_domain: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{trust_domain}").try_into().unwrap(),
+    )];
+    params
+}
+
 impl TestCa {
     /// A new root for `<cluster>.consul`.
     pub fn new(cluster: &str) -> Self {
         let trust_domain = format!("{cluster}.consul");
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            rcgen::DnType::CommonName,
-            format!("pri-test.consul.ca.{cluster}.consul"),
-        );
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into().unwrap(),
-        )];
+        let params = ca_params(&format!("pri-test.consul.ca.{trust_domain}"), &trust_domain);
         let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         TestCa {
             trust_domain,
@@ -69,24 +73,10 @@ impl TestCa {
     /// this root through it, and its roots JSON lists it in `IntermediateCerts` (as Consul does
     /// for a secondary datacenter or an external CA). Its leaves carry only themselves.
     pub fn intermediate(&self) -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            rcgen::DnType::CommonName,
-            format!("int-test.consul.ca.{}", self.trust_domain),
+        let mut params = ca_params(
+            &format!("int-test.consul.ca.{}", self.trust_domain),
+            &self.trust_domain,
         );
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{}", self.trust_domain)
-                .try_into()
-                .unwrap(),
-        )];
         params.use_authority_key_identifier_extension = true;
         let issuer =
             CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &self.issuer).unwrap();
