@@ -11,9 +11,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use super::{DEADLINE, eventually, free_port};
+use super::{DEADLINE, dying_with_test, eventually, free_port};
 
 /// The version `scripts/install-consul.sh` builds.
 pub const CONSUL_VERSION: &str = "v1.14.11";
@@ -206,7 +206,7 @@ ports {{ http = {http} dns = -1 grpc = -1 grpc_tls = -1 serf_lan = {serf_lan} se
             .append(true)
             .open(self.dir.path().join("consul.log"))
             .unwrap();
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = dying_with_test(&self.bin);
         cmd.arg("agent");
         if self.mode != Mode::Server {
             cmd.arg("-dev");
@@ -519,7 +519,7 @@ impl BuiltinProxy {
     ) -> Self {
         let log = agent.dir.path().join(format!("builtin-{sidecar_for}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(&agent.bin);
+        let mut cmd = dying_with_test(&agent.bin);
         cmd.args([
             "connect",
             "proxy",

@@ -57,6 +57,17 @@ pub fn free_port() -> u16 {
     panic!("no free port in {FIRST}-{LAST}");
 }
 
+/// A command for `program` that the kernel kills (SIGKILL) if the thread that started it
+/// ends, i.e. when the test ends however it ends: a test process killed by a CI timeout or by
+/// hand runs no `Drop`, and its agents and proxies would otherwise live on (`setpriv` from
+/// util-linux, essential in Debian, sets `PR_SET_PDEATHSIG` and execs, so the PID is the
+/// program's own).
+pub fn dying_with_test(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    cmd
+}
+
 /// Prints a figure a test measured and appends it to `measurements.txt` in Cargo's test
 /// scratch directory (`target/tmp`), which `.ci/run` prints after the tests pass: a
 /// passing test's own output is not shown.
@@ -133,7 +144,7 @@ impl ProxyProcess {
         let notify = UnixDatagram::bind(&sock).unwrap();
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-proxy"));
+        let mut cmd = dying_with_test(env!("CARGO_BIN_EXE_consul-proxy"));
         cmd.args(args)
             .env("NOTIFY_SOCKET", &sock)
             .env_remove("CONSUL_HTTP_ADDR")
