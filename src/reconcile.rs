@@ -90,6 +90,22 @@ fn starting_public(actions: &[Action]) -> Option<&PublicListener> {
     })
 }
 
+/// The upstream listeners a plan starts.
+fn starting_upstreams(actions: &[Action]) -> impl Iterator<Item = &UpstreamSpec> {
+    actions.iter().filter_map(|a| match a {
+        Action::StartUpstream(spec) => Some(spec),
+        _ => None,
+    })
+}
+
+/// The addresses of the upstream listeners a plan stops.
+fn stopping_upstreams(actions: &[Action]) -> impl Iterator<Item = &BindAddr> {
+    actions.iter().filter_map(|a| match a {
+        Action::StopUpstream(addr) => Some(addr),
+        _ => None,
+    })
+}
+
 /// A public listener and an upstream listener trading ports in one change (public `A -> B`
 /// while an upstream leaves `B` and another starts on `A`): neither new address can be bound
 /// while the other old listener holds it. Returns the new public listener, the upstream
@@ -101,14 +117,10 @@ pub fn find_exchange(
     let public_now = BindAddr::Tcp(public_now?);
     let new_public = starting_public(actions)?;
     let new_public_addr = BindAddr::Tcp(new_public.bind);
-    let old_upstream = actions.iter().find_map(|a| match a {
-        Action::StopUpstream(addr) if binds_conflict(addr, &new_public_addr) => Some(addr),
-        _ => None,
-    })?;
-    let new_upstream = actions.iter().find_map(|a| match a {
-        Action::StartUpstream(s) if binds_conflict(&public_now, &s.bind) => Some(s),
-        _ => None,
-    })?;
+    let old_upstream =
+        stopping_upstreams(actions).find(|addr| binds_conflict(addr, &new_public_addr))?;
+    let new_upstream =
+        starting_upstreams(actions).find(|s| binds_conflict(&public_now, &s.bind))?;
     Some((
         new_public.clone(),
         old_upstream.clone(),
@@ -128,9 +140,8 @@ pub fn public_first(actions: &[Action], public_now: Option<SocketAddr>) -> Optio
     if binds_conflict(&public_now, &BindAddr::Tcp(new_public.bind)) {
         return None;
     }
-    actions
-        .iter()
-        .any(|a| matches!(a, Action::StartUpstream(s) if binds_conflict(&public_now, &s.bind)))
+    starting_upstreams(actions)
+        .any(|s| binds_conflict(&public_now, &s.bind))
         .then(|| new_public.clone())
 }
 
@@ -413,12 +424,9 @@ impl Listeners {
         let mut prepared = self.prepare_upstreams(&actions).await;
         // Upstreams this plan stops (and no failed move keeps): the public listener may bind
         // one's port once it has let go.
-        let stopping: Vec<BindAddr> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::StopUpstream(addr) if !prepared.kept.contains(addr) => Some(addr.clone()),
-                _ => None,
-            })
+        let stopping: Vec<BindAddr> = stopping_upstreams(&actions)
+            .filter(|addr| !prepared.kept.contains(addr))
+            .cloned()
             .collect();
         // Upstream listeners stopped by this reconciliation whose port a listener moving on it
         // needs: it waits for the old socket, and may have to put the old listener back.
@@ -480,20 +488,8 @@ impl Listeners {
     /// whose port one of our own stopping listeners holds (a move on the same port, e.g.
     /// `127.0.0.1` to `0.0.0.0`) is left to [`Listeners::swap_upstream`].
     async fn prepare_upstreams(&self, actions: &[Action]) -> Prepared {
-        let stopping: Vec<&BindAddr> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::StopUpstream(addr) => Some(addr),
-                _ => None,
-            })
-            .collect();
-        let starting: Vec<&UpstreamSpec> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::StartUpstream(spec) => Some(spec),
-                _ => None,
-            })
-            .collect();
+        let stopping: Vec<&BindAddr> = stopping_upstreams(actions).collect();
+        let starting: Vec<&UpstreamSpec> = starting_upstreams(actions).collect();
         let new_public = starting_public(actions).map(|p| BindAddr::Tcp(p.bind));
         let mut prepared = Prepared::default();
         for spec in &starting {
