@@ -226,13 +226,7 @@ async fn upstreams_are_added_moved_and_removed_without_touching_the_others() {
         },
     )
     .await;
-    eventually("the old port no longer accepts", DEADLINE, || async {
-        TcpStream::connect(("127.0.0.1", second))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    crate::support::wait_not_accepting(second, "the old port no longer accepts").await;
     on_second.write_all(b"d").await.unwrap();
     crate::support::within("an echo", on_second.read_exact(&mut b))
         .await
@@ -462,13 +456,7 @@ async fn the_public_listener_moving_onto_a_removed_upstreams_port_needs_no_retry
         "the public listener serves at the removed upstream's port",
     )
     .await;
-    eventually("the old public address is closed", DEADLINE, || async {
-        TcpStream::connect(("127.0.0.1", mesh.web_public))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    crate::support::wait_not_accepting(mesh.web_public, "the old public address is closed").await;
     assert!(
         still_echoes(&mut removed).await,
         "the removed upstream's open connection drains, it is not cut"
@@ -669,13 +657,7 @@ async fn the_public_listener_moves_and_the_local_app_switches_live() {
         },
     )
     .await;
-    eventually("and no longer on the old one", DEADLINE, || async {
-        TcpStream::connect(("127.0.0.1", mesh.db_public))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    crate::support::wait_not_accepting(mesh.db_public, "and no longer on the old one").await;
     db.wait_log("reconfiguring").await;
     assert!(
         old_conn.echoes().await,

@@ -1,5 +1,4 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::support::mesh::Mesh;
 use crate::support::{DEADLINE, ProxyProcess, eventually};
@@ -15,13 +14,7 @@ async fn sigterm_stops_accepting_drains_open_connections_and_exits_0() {
 
     web.signal("TERM");
     web.wait_notify("STOPPING=1").await;
-    eventually("listener closed", DEADLINE, || async {
-        TcpStream::connect(("127.0.0.1", mesh.web_upstream))
-            .await
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    crate::support::wait_not_accepting(mesh.web_upstream, "listener closed").await;
     assert!(
         web.is_running(),
         "still draining while a connection is open"

@@ -442,6 +442,18 @@ pub async fn refused(port: u16) -> bool {
     !matches!(round_trip(port, b"probe").await, Ok(back) if back == b"probe")
 }
 
+/// Waits (within [`DEADLINE`]) until nothing accepts TCP connections on `127.0.0.1:port`:
+/// a listener stopped or moved away.
+pub async fn wait_not_accepting(port: u16, what: &str) {
+    eventually(what, DEADLINE, || async {
+        TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
 /// A plain connection through `port` that has echoed one exchange.
 pub async fn open_echoing(port: u16) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
